@@ -1,0 +1,1 @@
+"""Shipped model weights (the embedded digits model)."""

@@ -1,0 +1,1 @@
+"""Training: data pipelines, losses, loops, distribution (installed as dar_fast.training)."""
