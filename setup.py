@@ -70,7 +70,7 @@ setup(
     long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists(os.path.join(HERE, "README.md")) else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["dar_fast", "dar_fast.eval", "dar_fast.kernels", "dar_fast.training", "dar_fast.assets"],
+    packages=["dar_fast", "dar_fast.models", "dar_fast.eval", "dar_fast.kernels", "dar_fast.training", "dar_fast.assets"],
     package_dir={"dar_fast": "dar_fast", "dar_fast.kernels": "kernels", "dar_fast.training": "training"},
     package_data={"dar_fast.assets": ["*.safetensors", "*.json"]},
     install_requires=[

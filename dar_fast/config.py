@@ -1,0 +1,271 @@
+"""Typed configs for the tokenizer and the AR model, in the released key layout, with named presets.
+
+The field names are the released config keys, so a released config dict (the
+"model" entry of a tokenizer config, the LlamaGen-style ModelArgs of an AR
+checkpoint) maps onto these dataclasses one to one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional, Tuple, Union
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DiffDecoderConfig:
+    """Pixel diffusion transformer (the tokenizer's decoder)."""
+    in_dim: int = 3
+    out_dim: int = 3
+    dim: int = 768
+    cond_dim: int = 768
+    patch_size: int = 8
+    depth: int = 12
+    data_std: float = 0.6
+    time_shift: float = 2.0
+    mlp_head: bool = False
+    share_time_encoding: bool = False
+    grad_checkpointing: bool = False
+    # REPA projection head sits before this block (training only). The released
+    # v1 config leaves it at the code default; 4 of 12 blocks (a third of the
+    # depth, as REPA's SiT recipe of 8 of 28 roughly suggests) is ours.
+    repa_layer: int = 4
+    repa_dim: int = 768          # DINOv2-B feature width
+    repa_hidden: int = 2048
+    repa_grid: int = 16          # tokens pooled to 16x16 before the head
+
+
+@dataclass
+class TokenizerConfig:
+    """Sequential diffusion tokenizer (released `tokenizer_v1` layout)."""
+    encoder_patch_size: int = 16
+    num_encoder_layers: int = 8
+    num_decoder_layers: int = 8
+    query_low_rank: bool = True
+    encoder_dim: int = 768
+    decoder_dim: int = 768
+    vq_dim: int = 8
+    vq_codebook_size: int = 16384
+    num_denoising_steps: int = 8
+    num_query_groups: int = 8
+    num_all_queries: int = 256
+    queries_per_step: int = 32
+    vq_enable: bool = True
+    sampling_resolution: Union[int, Tuple[int, int], None] = None   # image size; None -> 256
+    diff_decoder: DiffDecoderConfig = field(default_factory=DiffDecoderConfig)
+    # ours
+    head_dim: int = 64
+    query_table_size: int = 1024   # rows of query_embedding / decoder_embedding in the released layout
+    repa_head: bool = True         # build the training-only REPA head
+
+    @property
+    def image_size(self) -> Tuple[int, int]:
+        s = 256 if self.sampling_resolution is None else self.sampling_resolution
+        return (int(s), int(s)) if isinstance(s, (int, float)) else (int(s[0]), int(s[1]))
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_all_queries
+
+    @property
+    def group_size(self) -> int:
+        return self.queries_per_step
+
+    def validate(self) -> "TokenizerConfig":
+        if self.num_all_queries != self.num_query_groups * self.queries_per_step:
+            raise ValueError(f"tokenizer config: num_all_queries={self.num_all_queries} != num_query_groups "
+                             f"({self.num_query_groups}) x queries_per_step ({self.queries_per_step})")
+        if self.num_denoising_steps != self.num_query_groups:
+            raise ValueError(f"tokenizer config: num_denoising_steps ({self.num_denoising_steps}) must equal "
+                             f"num_query_groups ({self.num_query_groups}): step i is conditioned on group i")
+        if self.num_all_queries > self.query_table_size:
+            self.query_table_size = self.num_all_queries
+        H, W = self.image_size
+        for name, p in (("encoder_patch_size", self.encoder_patch_size), ("diff_decoder.patch_size", self.diff_decoder.patch_size)):
+            if H % p or W % p:
+                raise ValueError(f"tokenizer config: image size {H}x{W} is not divisible by {name}={p}")
+        for name, d in (("encoder_dim", self.encoder_dim), ("decoder_dim", self.decoder_dim), ("diff_decoder.dim", self.diff_decoder.dim)):
+            if d % self.head_dim:
+                raise ValueError(f"tokenizer config: {name}={d} is not a multiple of head_dim={self.head_dim}")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------
+# AR model
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ARConfig:
+    """LlamaGen-style class-conditional Llama (released GPT-B/L/XL/XXL layout)."""
+    dim: int = 1024
+    n_layer: int = 24
+    n_head: int = 16
+    n_kv_head: Optional[int] = None
+    multiple_of: int = 256
+    ffn_dim_multiplier: Optional[float] = None
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    initializer_range: float = 0.02
+    token_dropout_p: float = 0.1
+    attn_dropout_p: float = 0.0
+    resid_dropout_p: float = 0.1
+    ffn_dropout_p: float = 0.1
+    drop_path_rate: float = 0.0
+    num_classes: int = 1000
+    caption_dim: int = 2048
+    class_dropout_prob: float = 0.1
+    model_type: str = "c2i"
+    vocab_size: int = 16384
+    cls_token_num: int = 1
+    block_size: int = 256
+    max_batch_size: int = 32
+    max_seq_len: int = 2048
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def ffn_hidden(self) -> int:
+        # int(2 * 4 * dim / 3), times the optional multiplier, rounded up to a multiple of `multiple_of`
+        h = int(2 * 4 * self.dim / 3)
+        if self.ffn_dim_multiplier is not None:
+            h = int(self.ffn_dim_multiplier * h)
+        m = self.multiple_of
+        return m * ((h + m - 1) // m)
+
+    def validate(self) -> "ARConfig":
+        if self.dim % self.n_head:
+            raise ValueError(f"AR config: dim={self.dim} not divisible by n_head={self.n_head}")
+        if self.n_head % self.kv_heads:
+            raise ValueError(f"AR config: n_head={self.n_head} not divisible by n_kv_head={self.kv_heads}")
+        if self.model_type != "c2i" or self.cls_token_num != 1:
+            raise ValueError("AR config: only class-conditional models (model_type 'c2i', cls_token_num 1) are supported")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------
+# Presets
+# ----------------------------------------------------------------------------------------------
+
+def _ar(dim, n_layer, n_head, **kw):
+    return lambda: ARConfig(dim=dim, n_layer=n_layer, n_head=n_head, **kw)
+
+
+TOKENIZER_PRESETS = {
+    "tokenizer_v1": lambda: TokenizerConfig(sampling_resolution=256),
+    # 32x32 images, 32 tokens in 4 groups: quick runs and the embedded digits model
+    "tokenizer-tiny": lambda: TokenizerConfig(
+        encoder_patch_size=4, num_encoder_layers=2, num_decoder_layers=1, encoder_dim=128, decoder_dim=128,
+        vq_codebook_size=256, num_denoising_steps=4, num_query_groups=4, num_all_queries=32, queries_per_step=8,
+        sampling_resolution=32, repa_head=False,
+        diff_decoder=DiffDecoderConfig(dim=128, cond_dim=128, patch_size=4, depth=3, repa_layer=99)),
+}
+TOKENIZER_PRESETS["digits"] = TOKENIZER_PRESETS["tokenizer-tiny"]
+
+AR_PRESETS = {
+    "D-AR-B": _ar(768, 12, 12),
+    "D-AR-L": _ar(1024, 24, 16),
+    "D-AR-XL": _ar(1280, 36, 20),
+    "D-AR-XXL": _ar(1536, 48, 24),
+    "ar-tiny": _ar(128, 3, 2, num_classes=10, vocab_size=256, block_size=32,
+                   token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0),
+}
+AR_PRESETS["digits"] = AR_PRESETS["ar-tiny"]
+# the released names of the same models
+for _n in ("B", "L", "XL", "XXL"):
+    AR_PRESETS[f"GPT-{_n}"] = AR_PRESETS[f"D-AR-{_n}"]
+
+
+def _from_dict(cls, d: dict, what: str):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"{what} config: unknown keys {unknown}; known keys: {sorted(names)}")
+    kw = dict(d)
+    if cls is TokenizerConfig and isinstance(kw.get("diff_decoder"), dict):
+        kw["diff_decoder"] = _from_dict(DiffDecoderConfig, kw["diff_decoder"], what + ".diff_decoder")
+    if cls is TokenizerConfig and isinstance(kw.get("sampling_resolution"), list):
+        kw["sampling_resolution"] = tuple(kw["sampling_resolution"])
+    return cls(**kw)
+
+
+def _read_config_file(path: str) -> dict:
+    with open(path) as f:
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+            return yaml.safe_load(f)
+        return json.load(f)
+
+
+def _as_dict(obj) -> Any:
+    """Namespace / OmegaConf-like / dict -> plain dict (recursively)."""
+    if dataclasses.is_dataclass(obj):
+        return dataclasses.asdict(obj)
+    if hasattr(obj, "__dict__") and not isinstance(obj, dict) and type(obj).__name__ == "Namespace":
+        obj = vars(obj)
+    if isinstance(obj, dict):
+        return {k: _as_dict(v) for k, v in obj.items()}
+    return obj
+
+
+_TOK_KEYS = {f.name for f in dataclasses.fields(TokenizerConfig)}
+_AR_KEYS = {f.name for f in dataclasses.fields(ARConfig)}
+
+
+def tokenizer_config(cfg) -> TokenizerConfig:
+    """Preset name, TokenizerConfig, dict (released format, optionally under "model"), or JSON/YAML path."""
+    if isinstance(cfg, TokenizerConfig):
+        return cfg.validate()
+    if isinstance(cfg, str):
+        if cfg in TOKENIZER_PRESETS:
+            return TOKENIZER_PRESETS[cfg]().validate()
+        if os.path.exists(cfg):
+            cfg = _read_config_file(cfg)
+        else:
+            raise ValueError(f"unknown tokenizer preset or config file {cfg!r}; presets: {sorted(TOKENIZER_PRESETS)}")
+    cfg = _as_dict(cfg)
+    if not isinstance(cfg, dict):
+        raise TypeError(f"tokenizer config must be a preset name, dict or path, got {type(cfg).__name__}")
+    if "model" in cfg and isinstance(cfg["model"], dict) and not (_TOK_KEYS & set(cfg) - {"model"}):
+        cfg = cfg["model"]
+    elif "tokenizer" in cfg and isinstance(cfg["tokenizer"], dict):
+        cfg = cfg["tokenizer"]
+    return _from_dict(TokenizerConfig, cfg, "tokenizer").validate()
+
+
+def ar_config(cfg) -> ARConfig:
+    """Preset name, ARConfig, dict of the released keys (optionally under "model"), or JSON/YAML path."""
+    if isinstance(cfg, ARConfig):
+        return cfg.validate()
+    if isinstance(cfg, str):
+        if cfg in AR_PRESETS:
+            return AR_PRESETS[cfg]().validate()
+        if os.path.exists(cfg):
+            cfg = _read_config_file(cfg)
+        else:
+            raise ValueError(f"unknown AR preset or config file {cfg!r}; presets: {sorted(AR_PRESETS)}")
+    cfg = _as_dict(cfg)
+    if not isinstance(cfg, dict):
+        raise TypeError(f"AR config must be a preset name, dict or path, got {type(cfg).__name__}")
+    if "model" in cfg and isinstance(cfg["model"], dict) and not (_AR_KEYS & set(cfg) - {"model"}):
+        cfg = cfg["model"]
+    elif "ar" in cfg and isinstance(cfg["ar"], dict):
+        cfg = cfg["ar"]
+    return _from_dict(ARConfig, cfg, "AR").validate()

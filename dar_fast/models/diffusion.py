@@ -1,0 +1,139 @@
+"""Pixel-space diffusion transformer: the tokenizer's decoder, with its flow schedule and solvers."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from dar_fast import ops
+from dar_fast.config import DiffDecoderConfig
+from dar_fast.models.layers import Attention, Mlp, layer_norm
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """(B,) -> (B, dim) sinusoidal embedding of t*1000, [cos | sin] halves."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = (t.float() * 1000.0)[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+        self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t):
+        return self.mlp(timestep_embedding(t, self.dim).to(self.mlp[0].weight.dtype))
+
+
+class DiTBlock(nn.Module):
+    """adaLN block whose modulation comes from cross-attention to the condition tokens plus time.
+
+    The cross-attention output only drives the modulation (6 x dim per token);
+    it is never added to x.
+    """
+
+    def __init__(self, dim: int, head_dim: int = 64):
+        super().__init__()
+        self.time_embed = TimestepEmbedder(dim)
+        self.cond_embed = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.cross_attn = Attention(dim, head_dim)
+        self.attention = Attention(dim, head_dim)
+        self.mlp = Mlp(dim, 4 * dim)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x, t, cond, pos):
+        # x (B,T,D) pixel tokens; t (B,) shifted time; cond (B,G,D) group tokens; pos (T,2) grid
+        temb = self.time_embed(t)                                         # (B,D)
+        c = layer_norm(self.cond_embed(cond))                             # (B,G,D)
+        h = layer_norm(x)
+        ca = self.cross_attn(h, context=c, pos=pos)                       # (B,T,D), RoPE on queries only
+        mod = self.adaLN_modulation(ca + temb[:, None])                   # (B,T,6D)
+        sa, ca_, ga, sm, cm, gm = mod.chunk(6, dim=-1)
+        x = x + ga * self.attention(h * (1 + ca_) + sa, pos=pos)
+        return x + gm * self.mlp(layer_norm(x) * (1 + cm) + sm)
+
+
+class DiffusionNet(nn.Module):
+    """Velocity network v(x_t, t, cond group) on pixels, patchified by rearrangement."""
+
+    def __init__(self, cfg: DiffDecoderConfig, head_dim: int = 64, repa_head: bool = True):
+        super().__init__()
+        self.cfg = cfg
+        p, D = cfg.patch_size, cfg.dim
+        self.conv_in = nn.Conv2d(cfg.in_dim * p * p, D, 1)
+        self.cond_mlp = nn.Linear(cfg.cond_dim, D)
+        self.blocks = nn.ModuleList([DiTBlock(D, head_dim) for _ in range(cfg.depth)])
+        self.conv_out = nn.Conv2d(D, cfg.out_dim * p * p, 1)
+        self.repa_out = (nn.Sequential(nn.Linear(D, cfg.repa_hidden), nn.SiLU(), nn.Linear(cfg.repa_hidden, cfg.repa_hidden),
+                                       nn.SiLU(), nn.Linear(cfg.repa_hidden, cfg.repa_dim))
+                         if repa_head and cfg.repa_layer < cfg.depth else None)
+        self._pos_cache = {}
+
+    def grid_pos(self, h, w, device):
+        key = (h, w, str(device))
+        if key not in self._pos_cache:
+            self._pos_cache[key] = ops.grid_positions(h, w, device=device)
+        return self._pos_cache[key]
+
+    def forward(self, x, t, cond, return_repa: bool = False):
+        # x (B,C,H,W) noisy pixels; t (B,) shifted time; cond (B,G,cond_dim)
+        B, C, H, W = x.shape
+        p = self.cfg.patch_size
+        h, w = H // p, W // p
+        # b c (h p1) (w p2) -> b (c p1 p2) h w
+        x = x.view(B, C, h, p, w, p).permute(0, 1, 3, 5, 2, 4).reshape(B, C * p * p, h, w)
+        x = self.conv_in(x).flatten(2).transpose(1, 2)                    # (B,hw,D)
+        cond = layer_norm(self.cond_mlp(cond))                            # (B,G,D)
+        pos = self.grid_pos(h, w, x.device)
+        repa = None
+        for i, blk in enumerate(self.blocks):
+            if return_repa and i == self.cfg.repa_layer and self.repa_out is not None:
+                repa = self.repa_features(x, h, w)
+            if self.cfg.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(blk, x, t, cond, pos, use_reentrant=False)
+            else:
+                x = blk(x, t, cond, pos)
+        x = layer_norm(x).transpose(1, 2).reshape(B, -1, h, w)
+        x = self.conv_out(x)                                              # (B, C*p*p, h, w)
+        Co = self.cfg.out_dim
+        # b (c p1 p2) h w -> b c (h p1) (w p2)
+        v = x.view(B, Co, p, p, h, w).permute(0, 1, 4, 2, 5, 3).reshape(B, Co, H, W)
+        return (v, repa) if return_repa else v
+
+    def repa_features(self, x, h, w):
+        """(B,hw,D) tokens -> average-pooled to the REPA grid -> MLP -> (B, g*g, repa_dim)."""
+        g = self.cfg.repa_grid
+        B, T, D = x.shape
+        grid = x.transpose(1, 2).reshape(B, D, h, w)
+        if (h, w) != (g, g):
+            grid = F.adaptive_avg_pool2d(grid, (g, g))
+        return self.repa_out(grid.flatten(2).transpose(1, 2))
+
+
+# ----------------------------------------------------------------------------------------------
+# Flow schedule and solvers
+# ----------------------------------------------------------------------------------------------
+
+def time_shift(u, shift: float):
+    """s(u) = u / (u + shift * (1 - u))."""
+    return u / (u + shift * (1 - u))
+
+
+def sampling_times(num_steps: int, shift: float) -> list:
+    """[t_0 .. t_K]: t_i = s(i/K), t_K = s(1) = 1, in float32 as the released code computes them."""
+    u = torch.cat([torch.arange(num_steps, dtype=torch.float32) / num_steps, torch.ones(1)])
+    return time_shift(u, shift).tolist()
+
+
+def training_group(u: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """Condition group used at training time u: round(u*K) half up, clamped to the last group."""
+    return torch.floor(u * num_groups + 0.5).long().clamp(max=num_groups - 1)

@@ -1,0 +1,79 @@
+"""Transformer pieces shared by the tokenizer encoder, its causal decoder layers and the pixel DiT."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dar_fast import ops
+
+LN_EPS = 1e-6   # every LayerNorm in the released tokenizer uses eps 1e-6
+
+
+def layer_norm(x: torch.Tensor) -> torch.Tensor:
+    """LayerNorm without affine parameters (eps 1e-6) over the last dim."""
+    return F.layer_norm(x, x.shape[-1:], eps=LN_EPS)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with per-head LayerNorm on q and k (head_dim 64), optional RoPE.
+
+    Self-attention when `context` is None, cross-attention over `context` otherwise
+    (RoPE then rotates the queries only: the keys are condition tokens without a grid).
+    """
+
+    def __init__(self, dim: int, head_dim: int = 64):
+        super().__init__()
+        self.num_heads, self.head_dim = dim // head_dim, head_dim
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.q_norm = nn.LayerNorm(head_dim, eps=LN_EPS)
+        self.k_norm = nn.LayerNorm(head_dim, eps=LN_EPS)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, context=None, pos=None, mask=None, is_causal=False):
+        B, T, D = x.shape
+        ctx = x if context is None else context
+        S = ctx.shape[1]
+        q = self.q_norm(self.q(x).view(B, T, self.num_heads, self.head_dim))      # (B,T,H,hd)
+        k = self.k_norm(self.k(ctx).view(B, S, self.num_heads, self.head_dim))    # (B,S,H,hd)
+        v = self.v(ctx).view(B, S, self.num_heads, self.head_dim)
+        if pos is not None:
+            q, k_rot = ops.apply_rope(q, k if context is None else None, pos)
+            if context is None:
+                k = k_rot
+        # SDPA never materialises the (T x S) attention map on the fused backends
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           attn_mask=mask, is_causal=is_causal)       # (B,H,T,hd)
+        return self.proj(o.transpose(1, 2).reshape(B, T, D))
+
+
+class Mlp(nn.Module):
+    """D -> 4D -> D with SiLU."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.silu(self.fc1(x)))
+
+
+class GatedBlock(nn.Module):
+    """Pre-LN block with per-channel residual gates: x += g1 * attn(LN(x)); x += g2 * mlp(LN(x))."""
+
+    def __init__(self, dim: int, head_dim: int = 64):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.attention = Attention(dim, head_dim)
+        self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.mlp = Mlp(dim, 4 * dim)
+        # the released code zero-initialises the gates (each block starts as identity)
+        self.gate1 = nn.Parameter(torch.zeros(dim))
+        self.gate2 = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x, pos=None, mask=None, is_causal=False):
+        x = x + self.gate1 * self.attention(self.norm1(x), pos=pos, mask=mask, is_causal=is_causal)
+        return x + self.gate2 * self.mlp(self.norm2(x))

@@ -1,0 +1,220 @@
+"""Sequential diffusion tokenizer: image -> N coarse-to-fine tokens -> K-step pixel diffusion decode.
+
+Encoder: patches + N learnable queries through gated pre-LN blocks (2D RoPE on
+patches, identity on queries; patches see patches, queries see patches and
+earlier queries), l2-normalised VQ of the query outputs. Decoder side: code
+vectors through causal blocks give `cond`, whose group i conditions diffusion
+step i of the pixel DiT.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dar_fast import ops
+from dar_fast.config import TokenizerConfig
+from dar_fast.models.diffusion import DiffusionNet, sampling_times
+from dar_fast.models.layers import GatedBlock, layer_norm
+
+
+class VectorQuantizer(nn.Module):
+    """l2-normalised codebook; lookups return normalised rows."""
+
+    def __init__(self, n: int, d: int):
+        super().__init__()
+        self.embedding = nn.Embedding(n, d)
+        # usage statistics of the released training code (fixed 65536 slots); not used at inference
+        self.register_buffer("codebook_used", torch.zeros(65536))
+
+    def codes(self, z: torch.Tensor) -> torch.Tensor:
+        """(..., d) -> (...) int64 nearest code by cosine."""
+        return ops.vq_nearest(z.reshape(-1, z.shape[-1]), self.embedding.weight).view(z.shape[:-1])
+
+    def lookup(self, codes: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.embedding(codes), dim=-1)
+
+
+class Tokenizer(nn.Module):
+    def __init__(self, cfg: TokenizerConfig):
+        super().__init__()
+        cfg = cfg.validate()
+        self.cfg = cfg
+        De, Dd, hd = cfg.encoder_dim, cfg.decoder_dim, cfg.head_dim
+        self.patchify = nn.Conv2d(3, De, cfg.encoder_patch_size, stride=cfg.encoder_patch_size)
+        if cfg.query_low_rank:
+            self.query_embedding = nn.Embedding(cfg.query_table_size, cfg.vq_dim)
+            self.query_linear = nn.Linear(cfg.vq_dim, De)
+        else:
+            self.query_embedding = nn.Embedding(cfg.query_table_size, De)
+            self.query_linear = None
+        self.encoder_layers = nn.ModuleList([GatedBlock(De, hd) for _ in range(cfg.num_encoder_layers)])
+        self.quant_in_conv = nn.Conv2d(De, cfg.vq_dim, 1, bias=False)
+        self.quantize = VectorQuantizer(cfg.vq_codebook_size, cfg.vq_dim)
+        self.quant_out_conv = nn.Conv2d(cfg.vq_dim, Dd, 1, bias=False)
+        self.decoder_embedding = nn.Embedding(cfg.query_table_size, Dd)
+        self.decoder_layers = nn.ModuleList([GatedBlock(Dd, hd) for _ in range(cfg.num_decoder_layers)])
+        self.diff_decoder = nn.Module()
+        self.diff_decoder.net = DiffusionNet(cfg.diff_decoder, hd, repa_head=cfg.repa_head)
+        self._mask_cache = {}
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def num_tokens(self) -> int:
+        return self.cfg.num_all_queries
+
+    @property
+    def num_groups(self) -> int:
+        return self.cfg.num_query_groups
+
+    @property
+    def group_size(self) -> int:
+        return self.cfg.queries_per_step
+
+    @property
+    def image_size(self):
+        return self.cfg.image_size
+
+    @property
+    def codebook_size(self) -> int:
+        return self.cfg.vq_codebook_size
+
+    @property
+    def net(self) -> DiffusionNet:
+        return self.diff_decoder.net
+
+    @property
+    def device(self):
+        return self.patchify.weight.device
+
+    @property
+    def dtype(self):
+        return self.patchify.weight.dtype
+
+    def times(self) -> list:
+        return sampling_times(self.cfg.num_denoising_steps, self.cfg.diff_decoder.time_shift)
+
+    # ------------------------------------------------------------------ checks
+    def check_images(self, images: torch.Tensor):
+        if not torch.is_tensor(images) or images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be a (B,3,H,W) tensor, got {tuple(images.shape) if torch.is_tensor(images) else type(images).__name__}")
+        H, W = images.shape[-2:]
+        p = self.cfg.encoder_patch_size
+        if H % p or W % p:
+            raise ValueError(f"image size {H}x{W} is not divisible by the encoder patch size {p}")
+        if (H, W) != self.image_size:
+            raise ValueError(f"image size {H}x{W} does not match the tokenizer's configured size "
+                             f"{self.image_size[0]}x{self.image_size[1]}")
+
+    def check_codes(self, codes: torch.Tensor, full: bool = True):
+        if not torch.is_tensor(codes) or codes.dim() != 2 or codes.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"codes must be a (B,N) integer tensor, got "
+                             f"{(tuple(codes.shape), codes.dtype) if torch.is_tensor(codes) else type(codes).__name__}")
+        if full and codes.shape[1] != self.num_tokens:
+            raise ValueError(f"codes have {codes.shape[1]} tokens per image; this tokenizer uses {self.num_tokens}")
+        if codes.shape[1] > self.num_tokens:
+            raise ValueError(f"codes have {codes.shape[1]} tokens per image; at most {self.num_tokens}")
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.codebook_size):
+            raise ValueError(f"codes out of the codebook: values in [{int(codes.min())}, {int(codes.max())}], "
+                             f"codebook size {self.codebook_size}")
+
+    # ------------------------------------------------------------------ encoder
+    def _encoder_mask(self, P: int, N: int, device) -> torch.Tensor:
+        key = (P, N, str(device))
+        if key not in self._mask_cache:
+            m = torch.zeros(P + N, P + N, dtype=torch.bool, device=device)
+            m[:, :P] = True                                                   # everyone sees every patch
+            m[P:, P:] = torch.ones(N, N, dtype=torch.bool, device=device).tril()  # queries: causal among queries
+            self._mask_cache[key] = m
+        return self._mask_cache[key]
+
+    def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
+        """(B,3,H,W) in [-1,1] -> (B,N,vq_dim) pre-quantisation vectors."""
+        self.check_images(images)
+        x = self.patchify(images.to(self.dtype))                             # (B,De,h,w)
+        B, D, h, w = x.shape
+        x = layer_norm(x.flatten(2).transpose(1, 2))                          # (B,P,De)
+        N = self.num_tokens
+        q = self.query_embedding.weight[:N]
+        if self.query_linear is not None:
+            q = self.query_linear(q)
+        x = torch.cat([x, q[None].expand(B, N, D)], dim=1)                    # (B,P+N,De)
+        pos = ops.grid_positions(h, w, num_identity=N, device=x.device)
+        mask = self._encoder_mask(h * w, N, x.device)
+        for blk in self.encoder_layers:
+            x = blk(x, pos=pos, mask=mask)
+        z = layer_norm(x[:, h * w:])                                          # (B,N,De)
+        return F.linear(z, self.quant_in_conv.weight.flatten(1))              # 1x1 conv == linear, (B,N,vq_dim)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """(B,3,H,W) float in [-1,1] -> (B,N) int64 codes."""
+        return self.quantize.codes(self.encode_latents(images))
+
+    # ------------------------------------------------------------------ decoder side
+    def code_vectors(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.quantize.lookup(codes).to(self.dtype)
+
+    def cond_from_vectors(self, zq: torch.Tensor) -> torch.Tensor:
+        """(B,T,vq_dim) normalised code vectors of the first T tokens -> (B,T,Dd) condition tokens."""
+        T = zq.shape[1]
+        x = F.linear(zq, self.quant_out_conv.weight.flatten(1)) + self.decoder_embedding.weight[:T]
+        for blk in self.decoder_layers:
+            x = blk(x, is_causal=True)
+        return layer_norm(x)
+
+    def cond(self, codes: torch.Tensor) -> torch.Tensor:
+        """(B,T) codes (T <= N) -> (B,T,Dd) condition tokens (causal: a prefix gives the same prefix)."""
+        self.check_codes(codes, full=False)
+        return self.cond_from_vectors(self.code_vectors(codes.long()))
+
+    def velocity(self, x: torch.Tensor, t, cond_group: torch.Tensor) -> torch.Tensor:
+        B = x.shape[0]
+        if not torch.is_tensor(t):
+            t = torch.full((B,), float(t), device=x.device, dtype=torch.float32)
+        return self.net(x, t, cond_group)
+
+    def group(self, cond: torch.Tensor, i: int) -> torch.Tensor:
+        G = self.group_size
+        return cond[:, i * G:(i + 1) * G]
+
+    def initial_noise(self, batch: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        H, W = self.image_size
+        return torch.randn(batch, 3, H, W, generator=generator).to(self.device, self.dtype)
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor, noise: Optional[torch.Tensor] = None, groups: Optional[int] = None,
+               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """(B,N) codes -> (B,3,H,W) float image (x / data_std, not clamped).
+
+        groups=k returns the preview after k groups (released clip_steps=k): the
+        first k-1 steps as usual, then step k-1 jumps straight to t = 1.
+        """
+        self.check_codes(codes, full=True)
+        K = self.num_groups
+        k = K if groups is None else int(groups)
+        if not 1 <= k <= K:
+            raise ValueError(f"groups must be in [1, {K}], got {groups}")
+        B = codes.shape[0]
+        if noise is None:
+            noise = self.initial_noise(B, generator)
+        H, W = self.image_size
+        if tuple(noise.shape) != (B, 3, H, W):
+            raise ValueError(f"noise must have shape {(B, 3, H, W)}, got {tuple(noise.shape)}")
+        cond = self.cond(codes)
+        ts = self.times()
+        x, v_prev = noise.to(self.device, self.dtype), None
+        for i in range(k):
+            v = self.velocity(x, ts[i], self.group(cond, i))
+            t_next = ts[i + 1] if i < k - 1 else 1.0
+            x = ops.flow_step(x, v, v_prev, ts[i], t_next)
+            v_prev = v
+        return x / self.cfg.diff_decoder.data_std
+
+    def num_params(self, include_repa: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if not include_repa and self.net.repa_out is not None:
+            n -= sum(p.numel() for p in self.net.repa_out.parameters())
+        return n
