@@ -56,7 +56,7 @@ class TokenizerConfig:
     num_all_queries: int = 256
     queries_per_step: int = 32
     vq_enable: bool = True
-    sampling_resolution: Union[int, Tuple[int, int], None] = None   # image size; None -> 256
+    sampling_resolution: Union[int, Tuple[int, int], None] = 256   # image size (H, W) or one int; released v1: 256
     diff_decoder: DiffDecoderConfig = field(default_factory=DiffDecoderConfig)
     # ours
     head_dim: int = 64

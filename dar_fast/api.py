@@ -1,0 +1,78 @@
+"""Public loading API: `load_tokenizer` and `load_ar`."""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from dar_fast.checkpoint import CheckpointMismatch, load_strict, read_checkpoint, save_safetensors
+from dar_fast.config import ARConfig, TokenizerConfig, ar_config, tokenizer_config
+from dar_fast.models import ARModel, Tokenizer
+
+
+def _released_ar_config(cfg):
+    """A LlamaGen-style `args` Namespace/dict (gpt_model='GPT-L', ...) -> AR config dict, else pass through."""
+    if isinstance(cfg, dict) or hasattr(cfg, "__dict__"):
+        d = cfg if isinstance(cfg, dict) else vars(cfg)
+        name = d.get("gpt_model") or d.get("ar_model")
+        if isinstance(name, str):
+            c = ar_config(name)
+            for k in ("vocab_size", "num_classes", "cls_token_num"):
+                if k in d and d[k] is not None:
+                    setattr(c, k, int(d[k]))
+            if d.get("codebook_size"):
+                c.vocab_size = int(d["codebook_size"])
+            return c
+    return cfg
+
+
+def load_tokenizer(ckpt, config=None, device="cpu", dtype=torch.float32) -> Tokenizer:
+    """Tokenizer from a released `.pt`, our `.safetensors`, or a state dict.
+
+    config: None (from the checkpoint), a preset name, a released-format dict, or a JSON/YAML path.
+    A checkpoint without the training-only REPA head loads for inference (the head is dropped).
+    """
+    sd, ck_cfg, kind = read_checkpoint(ckpt)
+    if kind not in (None, "tokenizer"):
+        raise ValueError(f"{ckpt}: this is a {kind} checkpoint, not a tokenizer")
+    cfg = config if config is not None else ck_cfg
+    if cfg is None:
+        raise ValueError(f"{ckpt if isinstance(ckpt, str) else 'state dict'}: no config inside or beside the checkpoint; "
+                         "pass config= (a preset such as 'tokenizer_v1', a dict, or a JSON/YAML path)")
+    has_repa = any(k.startswith("diff_decoder.net.repa_out.") for k in sd)
+    cfg = dataclasses.replace(tokenizer_config(cfg), repa_head=has_repa)
+    with torch.device("meta"):
+        model = Tokenizer(cfg)
+    model = model.to_empty(device="cpu")
+    model.quantize.codebook_used.zero_()
+    load_strict(model, sd, what="tokenizer")
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def load_ar(ckpt, config=None, device="cpu", dtype=torch.float32) -> ARModel:
+    """AR model from a released `.pt`, our `.safetensors`, or a state dict; config: preset name or released-key dict."""
+    sd, ck_cfg, kind = read_checkpoint(ckpt)
+    if kind not in (None, "ar"):
+        raise ValueError(f"{ckpt}: this is a {kind} checkpoint, not an AR model")
+    cfg = config if config is not None else _released_ar_config(ck_cfg)
+    if cfg is None:
+        raise ValueError(f"{ckpt if isinstance(ckpt, str) else 'state dict'}: no config inside or beside the checkpoint; "
+                         "pass config= (a preset such as 'D-AR-L' or a dict of the released keys)")
+    cfg = ar_config(cfg)
+    with torch.device("meta"):
+        model = ARModel(cfg)
+    model = model.to_empty(device="cpu")
+    load_strict(model, sd, optional_prefixes=(), what="AR")
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def save_tokenizer(tok: Tokenizer, path: str):
+    save_safetensors(tok, path, tok.cfg.to_dict(), "tokenizer")
+
+
+def save_ar(ar: ARModel, path: str):
+    save_safetensors(ar, path, ar.cfg.to_dict(), "ar")
+
+
+__all__ = ["load_tokenizer", "load_ar", "save_tokenizer", "save_ar", "CheckpointMismatch",
+           "TokenizerConfig", "ARConfig"]

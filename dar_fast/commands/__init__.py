@@ -1,0 +1,1 @@
+"""CLI subcommands that are not tied to one subsystem."""
