@@ -32,7 +32,9 @@ class Attention(nn.Module):
         self.k_norm = nn.LayerNorm(head_dim, eps=LN_EPS)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, context=None, pos=None, mask=None, is_causal=False):
+    def forward(self, x, context=None, pos=None, mask=None, is_causal=False, cache=None, start: int = 0):
+        """cache=(k_buf, v_buf) of shape (B,H,L,hd): causal self-attention of the T new tokens at slots
+        [start, start+T) over every slot before them (the tokenizer's incremental decoder layers)."""
         B, T, D = x.shape
         ctx = x if context is None else context
         S = ctx.shape[1]
@@ -43,6 +45,14 @@ class Attention(nn.Module):
             q, k_rot = ops.apply_rope(q, k if context is None else None, pos)
             if context is None:
                 k = k_rot
+        if cache is not None:
+            kb, vb = cache
+            kb[:, :, start:start + T] = k.transpose(1, 2)
+            vb[:, :, start:start + T] = v.transpose(1, 2)
+            k, v = kb[:, :, :start + T].transpose(1, 2), vb[:, :, :start + T].transpose(1, 2)
+            # new token i sits at slot start+i and sees slots <= start+i
+            mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            is_causal = False
         # SDPA never materialises the (T x S) attention map on the fused backends
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                            attn_mask=mask, is_causal=is_causal)       # (B,H,T,hd)
@@ -74,6 +84,6 @@ class GatedBlock(nn.Module):
         self.gate1 = nn.Parameter(torch.zeros(dim))
         self.gate2 = nn.Parameter(torch.zeros(dim))
 
-    def forward(self, x, pos=None, mask=None, is_causal=False):
-        x = x + self.gate1 * self.attention(self.norm1(x), pos=pos, mask=mask, is_causal=is_causal)
+    def forward(self, x, pos=None, mask=None, is_causal=False, cache=None, start: int = 0):
+        x = x + self.gate1 * self.attention(self.norm1(x), pos=pos, mask=mask, is_causal=is_causal, cache=cache, start=start)
         return x + self.gate2 * self.mlp(self.norm2(x))

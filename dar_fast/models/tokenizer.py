@@ -165,6 +165,25 @@ class Tokenizer(nn.Module):
             x = blk(x, is_causal=True)
         return layer_norm(x)
 
+    def new_cond_cache(self, batch: int, device=None, dtype=None):
+        """Static K/V buffers (one pair per decoder layer) for `cond_incremental`."""
+        H, hd = self.cfg.decoder_dim // self.cfg.head_dim, self.cfg.head_dim
+        shape = (batch, H, self.num_tokens, hd)
+        kw = dict(device=device or self.device, dtype=dtype or self.dtype)
+        return [(torch.zeros(shape, **kw), torch.zeros(shape, **kw)) for _ in self.decoder_layers]
+
+    def cond_incremental(self, codes: torch.Tensor, start: int, cache) -> torch.Tensor:
+        """Condition tokens for codes at slots [start, start+T), reusing the K/V of earlier slots.
+
+        Equals cond(all codes)[:, start:start+T] up to float rounding; each group costs only its own
+        tokens (the streaming engine calls it once per group)."""
+        T = codes.shape[1]
+        zq = self.code_vectors(codes.long())
+        x = F.linear(zq, self.quant_out_conv.weight.flatten(1)) + self.decoder_embedding.weight[start:start + T]
+        for blk, kv in zip(self.decoder_layers, cache):
+            x = blk(x, cache=kv, start=start)
+        return layer_norm(x)
+
     def cond(self, codes: torch.Tensor) -> torch.Tensor:
         """(B,T) codes (T <= N) -> (B,T,Dd) condition tokens (causal: a prefix gives the same prefix)."""
         self.check_codes(codes, full=False)
