@@ -1,0 +1,17 @@
+"""One dispatch namespace for every op: GPU kernel on CUDA tensors, CPU implementation otherwise.
+
+Force a backend with DAR_FAST_BACKEND=torch|triton|auto, or per op with
+DAR_FAST_BACKEND_<OP> (see dar_fast.kernels.backend).
+
+    vq_nearest(z, codebook)                        fused l2-normalised nearest code (Triton)
+    apply_rope(q, k, pos)                          2D / 1D / identity RoPE over q and k in one pass (Triton)
+    flow_step(x, v, v_prev, t, t_next)             Euler / Adams-Bashforth update (Triton)
+    flow_preview(x, v, v_prev, t)                  the same update to t = 1 (Triton; image / uint8 output fused)
+    sample_tokens(logits, uncond, cfg, ...)        CFG + temperature + top-k/top-p + keyed Philox draw (C++/CUDA)
+    images_to_uint8(img)                           (B,3,H,W) in [-1,1] -> (B,H,W,3) uint8, ADM's rounding
+"""
+from dar_fast.kernels.flow_step import flow_preview, flow_step  # noqa: F401
+from dar_fast.kernels.flow_step import images_to_uint8_ref as images_to_uint8  # noqa: F401
+from dar_fast.kernels.rope import apply_rope, grid_positions  # noqa: F401
+from dar_fast.kernels.sample_tokens import sample_tokens  # noqa: F401
+from dar_fast.kernels.vq_nearest import vq_nearest  # noqa: F401
