@@ -41,6 +41,15 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def smoke_configs():
+    """A tokenizer and AR model small enough to time on a CPU in seconds."""
+    tok_cfg = TokenizerConfig(encoder_patch_size=8, num_encoder_layers=1, num_decoder_layers=1, encoder_dim=64,
+                              decoder_dim=64, vq_codebook_size=64, num_denoising_steps=4, num_query_groups=4,
+                              num_all_queries=16, queries_per_step=4, sampling_resolution=32, repa_head=False,
+                              diff_decoder=DiffDecoderConfig(dim=64, cond_dim=64, patch_size=4, depth=1))
+    return tok_cfg, {"smoke": ARConfig(dim=64, n_layer=2, n_head=2, vocab_size=64, block_size=16, num_classes=10)}
+
+
 def time_engine(pipe: Pipeline, batch: int, cfg, reps: int):
     labels = torch.arange(batch) % pipe.num_classes
     pipe.sample(labels, cfg=cfg)                                     # warm up (graph capture, autotune)
@@ -84,11 +93,7 @@ def main():
     info = device_info(device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if args.smoke:
-        tok_cfg = TokenizerConfig(encoder_patch_size=8, num_encoder_layers=1, num_decoder_layers=1, encoder_dim=64,
-                                  decoder_dim=64, vq_codebook_size=64, num_denoising_steps=4, num_query_groups=4,
-                                  num_all_queries=16, queries_per_step=4, sampling_resolution=32, repa_head=False,
-                                  diff_decoder=DiffDecoderConfig(dim=64, cond_dim=64, patch_size=4, depth=1))
-        models = {"smoke": ARConfig(dim=64, n_layer=2, n_head=2, vocab_size=64, block_size=16, num_classes=10)}
+        tok_cfg, models = smoke_configs()
         batches, eager_batches, reps = [1, 4], [1, 4], 1
     else:
         tok_cfg = tokenizer_config("tokenizer_v1")
