@@ -177,7 +177,13 @@ TOKENIZER_PRESETS = {
         sampling_resolution=32, repa_head=False,
         diff_decoder=DiffDecoderConfig(dim=128, cond_dim=128, patch_size=4, depth=3, repa_layer=99)),
 }
-TOKENIZER_PRESETS["digits"] = TOKENIZER_PRESETS["tokenizer-tiny"]
+# the embedded default model: 32x32 digits whose information is an 8x8 grid, so 8x8-pixel patches
+# (16 tokens per image in encoder and DiT) cost ~4x less than the tiny preset's 4x4 at no loss
+TOKENIZER_PRESETS["digits"] = lambda: TokenizerConfig(
+    encoder_patch_size=8, num_encoder_layers=2, num_decoder_layers=1, encoder_dim=128, decoder_dim=128,
+    vq_codebook_size=256, num_denoising_steps=4, num_query_groups=4, num_all_queries=32, queries_per_step=8,
+    sampling_resolution=32, repa_head=False,
+    diff_decoder=DiffDecoderConfig(dim=192, cond_dim=128, patch_size=8, depth=4, repa_layer=99))
 
 AR_PRESETS = {
     "D-AR-B": _ar(768, 12, 12),
