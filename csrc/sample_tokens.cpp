@@ -129,8 +129,6 @@ int64_t sample_row(const T* c, const T* u, float scale, float temperature, int64
   return gumbel_race(l, V, key);
 }
 
-at::Tensor with_unit_stride(const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
-
 at::Tensor sample_tokens_cpu(const at::Tensor& logits_in, const OptTensor& uncond_in, const OptTensor& cfg_scale_t,
                              double cfg_scale, double temperature, int64_t top_k, double top_p,
                              const at::Tensor& seeds_in, const at::Tensor& sample_ids_in,
@@ -172,9 +170,7 @@ at::Tensor sample_tokens_cpu(const at::Tensor& logits_in, const OptTensor& uncon
 // ----------------------------------------------------------------------------- building blocks, for tests
 
 at::Tensor philox_cpu(const at::Tensor& counter, const at::Tensor& key) {
-  DAR_CHECK(counter.dim() == 2 && counter.size(1) == 4 && key.dim() == 2 && key.size(1) == 2 &&
-                key.size(0) == counter.size(0),
-            "_philox4x32_10 takes (N, 4) counters and (N, 2) keys");
+  check_philox_args(counter, key);
   const at::Tensor c = counter.to(at::kLong).contiguous(), k = key.to(at::kLong).contiguous();
   at::Tensor out = at::empty({c.size(0), 4}, c.options());
   const int64_t *cp = c.data_ptr<int64_t>(), *kp = k.data_ptr<int64_t>();

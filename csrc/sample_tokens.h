@@ -62,4 +62,14 @@ inline void check_sample_args(const at::Tensor& logits, const OptTensor& uncond,
   }
 }
 
+// Rows of unit stride (any row stride): what both implementations read.
+inline at::Tensor with_unit_stride(const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
+
+// _philox4x32_10 (a test hook) takes (N, 4) counters and (N, 2) keys.
+inline void check_philox_args(const at::Tensor& counter, const at::Tensor& key) {
+  DAR_CHECK(counter.dim() == 2 && counter.size(1) == 4 && key.dim() == 2 && key.size(1) == 2 &&
+                key.size(0) == counter.size(0),
+            "_philox4x32_10 takes (N, 4) counters and (N, 2) keys");
+}
+
 }  // namespace dar_fast

@@ -390,9 +390,7 @@ __global__ void mass_kernel(const double* d, int64_t* out, int64_t n) {
 int elementwise_blocks(int64_t n) { return static_cast<int>(std::min<int64_t>((n + 255) / 256, 4096)); }
 
 at::Tensor philox_cuda(const at::Tensor& counter, const at::Tensor& key) {
-  DAR_CHECK(counter.dim() == 2 && counter.size(1) == 4 && key.dim() == 2 && key.size(1) == 2 &&
-                key.size(0) == counter.size(0),
-            "_philox4x32_10 takes (N, 4) counters and (N, 2) keys");
+  check_philox_args(counter, key);
   const c10::cuda::CUDAGuard guard(counter.device());
   const at::Tensor c = counter.to(at::kLong).contiguous(), k = key.to(at::kLong).contiguous();
   at::Tensor out = at::empty({c.size(0), 4}, c.options());
@@ -426,8 +424,6 @@ at::Tensor exp_mass_cuda(const at::Tensor& d) {
 }
 
 // ----------------------------------------------------------------------------- the op
-
-at::Tensor with_unit_stride(const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
 
 template <typename T>
 bool aligned4(const T* ptr, int64_t stride) {
