@@ -40,7 +40,8 @@ def extensions():
     cu = sorted(glob.glob(os.path.join("csrc", "*.cu")))
     if not cpp:
         return [], {}
-    cxx = ["-O3", "-std=c++17"]
+    # -ffp-contract=off: no FMA contraction, so CPU tokens equal the reference bit for bit
+    cxx = ["-O3", "-std=c++17", "-ffp-contract=off"]
     want_cuda = (torch.version.cuda is not None and CUDA_HOME is not None
                  and os.environ.get("DAR_FAST_SKIP_CUDA_BUILD", "0") != "1" and cu)
     if want_cuda:
