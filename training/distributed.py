@@ -1,0 +1,296 @@
+"""Distribution through torchrun: the process group, DDP / FSDP2 applied from outside the model, rank-0 logging.
+
+One launcher for every scale (torchtitan's habit): ``torchrun --nproc_per_node=G -m dar_fast.cli train-ar ...``.
+The models know nothing about parallelism; `parallelize` wraps the training objective (the module that owns the
+model and returns the loss) in a fixed order:
+
+  1. activation checkpointing and torch.compile are per block and happen before this (in the trainers);
+  2. "fsdp": FSDP2 ``fully_shard`` on every transformer block (the lists named by ``blocks``), then on the root,
+     parameters all-gathered in bf16 and gradients reduced in fp32 on GPU; the optimizer then holds DTensor shards;
+  3. "ddp": DistributedDataParallel around the objective (gradients all-reduced in fp32 buckets);
+  4. "none": a single process.
+
+"auto" picks none for one process, DDP below `FSDP_AUTO_PARAMS` parameters and FSDP2 above: DDP keeps a full
+replica of weights + Adam state per GPU (16 bytes/param in fp32: 12 GB for D-AR-XL's 775M), which is the point
+where sharding starts to pay for its extra all-gathers.
+
+Backends: NCCL on CUDA, gloo on CPU (the CPU tests run two gloo processes).
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+# DDP below this many parameters, FSDP2 above (see the module docstring)
+FSDP_AUTO_PARAMS = 600_000_000
+STRATEGIES = ("auto", "none", "ddp", "fsdp")
+
+# Dense bf16 tensor-core peaks (TFLOP/s, spec sheets) for MFU; matched as substrings of the device name, first
+# match wins. Override with DAR_FAST_PEAK_TFLOPS for other parts.
+PEAK_BF16_TFLOPS = [
+    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("H800", 989.0),
+    ("GH200", 989.0), ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("A10G", 125.0),
+    ("L4", 121.0), ("RTX 4090", 165.0), ("V100", 125.0),
+]
+
+
+# ====================================================================================== process group
+
+@dataclass
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    backend: Optional[str] = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _env_int(name: str, default: int) -> int:
+    v = os.environ.get(name)
+    try:
+        return int(v) if v not in (None, "") else default
+    except ValueError as e:
+        raise ValueError(f"environment variable {name}={v!r} is not an integer") from e
+
+
+def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistEnv:
+    """Read the torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK), pick the device and join the group.
+
+    device: "auto" (cuda:LOCAL_RANK when CUDA is available, else cpu), "cpu", "cuda" or "cuda:N"."""
+    world = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local = _env_int("LOCAL_RANK", rank)
+    if device in (None, "auto"):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("--device cuda asked for, but torch sees no CUDA device")
+        if dev.index is None:
+            dev = torch.device("cuda", local % torch.cuda.device_count())
+        torch.cuda.set_device(dev)
+    backend = None
+    if world > 1:
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        if not dist.is_initialized():
+            kw = dict(backend=backend, timeout=_dt.timedelta(seconds=timeout_s))
+            if dev.type == "cuda":
+                kw["device_id"] = dev
+            dist.init_process_group(**kw)
+        rank, world = dist.get_rank(), dist.get_world_size()
+    return DistEnv(rank=rank, world_size=world, local_rank=local, device=dev, backend=backend)
+
+
+def shutdown(env: DistEnv) -> None:
+    if env.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(env: DistEnv) -> None:
+    if env.distributed:
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    if env.distributed:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_gather_object(obj, env: DistEnv) -> list:
+    if not env.distributed:
+        return [obj]
+    out = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj, env: DistEnv, src: int = 0):
+    if not env.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def agree(ok: bool, message: str, env: DistEnv) -> None:
+    """Raise the same error on every rank when any rank failed a check (no rank hangs in a collective)."""
+    msgs = all_gather_object(None if ok else message, env)
+    bad = [m for m in msgs if m]
+    if bad:
+        raise ValueError(bad[0])
+
+
+# ====================================================================================== wrapping
+
+def count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def resolve_strategy(strategy: str, module: nn.Module, env: DistEnv) -> str:
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown distribution strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    if strategy == "auto":
+        if not env.distributed:
+            return "none"
+        return "fsdp" if count_params(module) >= FSDP_AUTO_PARAMS else "ddp"
+    if not env.distributed:
+        return "none"          # one process: nothing to replicate or shard
+    return strategy
+
+
+def _fully_shard():
+    try:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard        # torch >= 2.6
+    except ImportError:
+        from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard  # torch 2.4 / 2.5
+    return fully_shard, MixedPrecisionPolicy
+
+
+def apply_fsdp(module: nn.Module, blocks: Sequence[Iterable[nn.Module]], env: DistEnv,
+               param_dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """FSDP2: ``fully_shard`` each block of every list in ``blocks``, then the root. In place; returns module."""
+    fully_shard, MixedPrecisionPolicy = _fully_shard()
+    from torch.distributed.device_mesh import init_device_mesh
+    mesh = init_device_mesh(env.device.type, (env.world_size,))
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for lst in blocks:
+        lst = list(lst)
+        for i, blk in enumerate(lst):
+            # the last block's parameters are needed again at once by backward: keep them gathered
+            fully_shard(blk, mesh=mesh, mp_policy=mp, reshard_after_forward=i < len(lst) - 1)
+    fully_shard(module, mesh=mesh, mp_policy=mp)
+    return module
+
+
+def parallelize(module: nn.Module, env: DistEnv, strategy: str = "auto",
+                blocks: Sequence[Iterable[nn.Module]] = (), mixed_precision: bool = False):
+    """Wrap ``module`` for ``env``; returns (wrapped, strategy used). ``module`` must already be on env.device.
+
+    The wrapped module is what the loop calls; the unwrapped ``module`` keeps the clean parameter names
+    (FSDP2 works in place, so for "fsdp" both are the same object)."""
+    strategy = resolve_strategy(strategy, module, env)
+    if strategy == "none":
+        return module, strategy
+    if strategy == "fsdp":
+        pd = torch.bfloat16 if (mixed_precision and env.device.type == "cuda") else None
+        return apply_fsdp(module, blocks, env, param_dtype=pd), strategy
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    dev_ids = [env.device.index] if env.device.type == "cuda" else None
+    # buffers (VQ usage statistics) are never trained: no per-step broadcast (the option's name changed in 2.12)
+    import inspect
+    params = inspect.signature(DDP.__init__).parameters
+    kw = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+    return DDP(module, device_ids=dev_ids, gradient_as_bucket_view=True, **kw), strategy
+
+
+@contextlib.contextmanager
+def grad_sync(model: nn.Module, strategy: str, sync: bool):
+    """Gradient accumulation: skip the all-reduce / reduce-scatter on every micro-batch but the last."""
+    if sync or strategy == "none":
+        yield
+    elif strategy == "ddp":
+        with model.no_sync():
+            yield
+    else:  # fsdp
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's full value (a collective: every rank must call), else the tensor itself."""
+    return t.full_tensor() if hasattr(t, "full_tensor") and hasattr(t, "placements") else t
+
+
+# ====================================================================================== MFU
+
+def peak_flops(device: torch.device) -> Optional[float]:
+    """Dense bf16 peak of one device in FLOP/s, or None (CPU, unknown GPU without DAR_FAST_PEAK_TFLOPS)."""
+    env = os.environ.get("DAR_FAST_PEAK_TFLOPS")
+    if env:
+        return float(env) * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for pat, tf in PEAK_BF16_TFLOPS:
+        if pat in name:
+            return tf * 1e12
+    return None
+
+
+# ====================================================================================== rank-0 output
+
+class RankLog:
+    """Messages and a progress bar on rank 0 only.
+
+    On a terminal: a tqdm bar whose postfix carries the latest loss. Elsewhere (CI logs, files): one line per
+    logged step, at most one every ``min_interval_s`` seconds, plus the first and the last."""
+
+    def __init__(self, env: DistEnv, total: int, initial: int = 0, desc: str = "train", min_interval_s: float = 10.0,
+                 quiet: bool = False):
+        self.env, self.total, self.min_interval_s, self.quiet = env, total, min_interval_s, quiet
+        self._last_print = 0.0
+        self.bar = None
+        if env.is_main and not quiet and sys.stderr.isatty():
+            try:
+                from tqdm import tqdm
+                self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=True)
+            except ImportError:
+                self.bar = None
+
+    def info(self, msg: str) -> None:
+        if not self.env.is_main or self.quiet:
+            return
+        if self.bar is not None:
+            self.bar.write(msg, file=sys.stderr)
+        else:
+            print(msg, file=sys.stderr, flush=True)
+
+    def step(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def metrics(self, rec: dict, force: bool = False) -> None:
+        if not self.env.is_main or self.quiet:
+            return
+        terms = {k: v for k, v in rec.items() if k.startswith("loss")}
+        if self.bar is not None:
+            self.bar.set_postfix({k: f"{v:.4f}" for k, v in terms.items()}, refresh=False)
+            return
+        now = time.time()
+        if force or now - self._last_print >= self.min_interval_s:
+            self._last_print = now
+            rate = rec.get("images_per_s") or rec.get("tokens_per_s")
+            unit = "img/s" if "images_per_s" in rec else "tok/s"
+            bits = [f"step {rec['step']}/{self.total}"] + [f"{k}={v:.4f}" for k, v in terms.items()]
+            bits.append(f"lr={rec.get('lr', 0):.2e}")
+            if rate:
+                bits.append(f"{rate:.1f} {unit}")
+            if rec.get("mfu") is not None:
+                bits.append(f"mfu={100 * rec['mfu']:.1f}%")
+            print("  ".join(bits), file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

@@ -1,0 +1,280 @@
+"""Sequential diffusion tokenizer training (`dar-fast train-tokenizer`).
+
+Recipe (the released one unless noted): AdamW lr 2e-4, betas (0.9, 0.95), weight decay 0, linear warmup
+(500 steps; 0 for the tiny presets, ours), gradient clipping at 1.0, EMA 0.999, bf16 autocast on GPU (fp32 on
+CPU), loss = flow matching + VQ (codebook + 0.25 commitment) + 0.5 LPIPS + 0.5 REPA (see losses.py). The frozen
+networks come from local files: --lpips-vgg/--lpips-lin for LPIPS, --dinov2 for REPA. A term with weight 0 is
+off; a positive weight without its file is an error. The tiny presets (tokenizer-tiny, digits) default both
+weights to 0 because no frozen network exists at 32x32.
+
+    torchrun --nproc_per_node=8 -m dar_fast.cli train-tokenizer --preset tokenizer_v1 --data /imagenet/train \\
+        --out runs/tok --steps 400000 --batch-size 512 --lpips-vgg vgg16.pth --lpips-lin vgg.pth --dinov2 dinov2_vitb14
+    dar-fast train-tokenizer --preset digits --data digits --out runs/digits-tok --steps 2000 --batch-size 64
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from dar_fast.config import TokenizerConfig, tokenizer_config
+from dar_fast.models import Tokenizer
+from dar_fast.training import distributed as D
+from dar_fast.training.losses import TokenizerObjective
+from dar_fast.training.loop import Trainer, lr_at
+
+TINY_PRESETS = ("tokenizer-tiny", "digits")
+DEFAULTS = dict(lr=2e-4, betas=(0.9, 0.95), weight_decay=0.0, warmup=500, grad_clip=1.0, ema=0.999,
+                lpips_weight=0.5, repa_weight=0.5)
+TINY_DEFAULTS = dict(warmup=0, lpips_weight=0.0, repa_weight=0.0)
+
+
+def preset_default(preset: str, key: str):
+    if preset in TINY_PRESETS and key in TINY_DEFAULTS:
+        return TINY_DEFAULTS[key]
+    return DEFAULTS[key]
+
+
+# ====================================================================================== init
+
+@torch.no_grad()
+def init_tokenizer_weights_(tok: Tokenizer) -> Tokenizer:
+    """Initialisation for training from scratch, following the released code: truncated-normal(0.02) Linear
+    weights with zero biases, zeroed adaLN output layers and velocity output (every DiT block starts as the
+    identity and the net predicts v = 0), zero residual gates (already so), low-rank query table with std 1,
+    codebook rows uniform(-1/n, 1/n) then l2-normalised. Uses the global torch RNG (seed it first)."""
+    for m in tok.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    for blk in tok.net.blocks:
+        nn.init.zeros_(blk.adaLN_modulation[-1].weight)
+        nn.init.zeros_(blk.adaLN_modulation[-1].bias)
+    nn.init.zeros_(tok.net.conv_out.weight)
+    nn.init.zeros_(tok.net.conv_out.bias)
+    nn.init.trunc_normal_(tok.query_embedding.weight, std=1.0 if tok.cfg.query_low_rank else 0.02)
+    nn.init.trunc_normal_(tok.decoder_embedding.weight, std=0.02)
+    n = tok.cfg.vq_codebook_size
+    w = tok.quantize.embedding.weight
+    w.uniform_(-1.0 / n, 1.0 / n)
+    w.copy_(torch.nn.functional.normalize(w, dim=-1))
+    return tok
+
+
+# ====================================================================================== FLOPs
+
+def tokenizer_forward_flops(cfg: TokenizerConfig, repa: bool = False) -> dict:
+    """Analytic forward FLOPs per image (2 per multiply-add) of the trained parts: encoder, causal decoder
+    layers and ONE pixel-DiT call. Matmuls plus attention scores/values over the pairs the masks allow.
+    Frozen LPIPS / DINOv2 and element-wise ops are not counted (MFU is therefore a lower bound)."""
+    H, W = cfg.image_size
+    De, Dd, dd = cfg.encoder_dim, cfg.decoder_dim, cfg.diff_decoder
+    pe, N, d = cfg.encoder_patch_size, cfg.num_all_queries, cfg.vq_dim
+    P = (H // pe) * (W // pe)
+    M = P + N
+    pairs_enc = P * P + N * P + N * (N + 1) // 2                 # patches see patches; queries: patches + causal
+    enc = 2 * P * 3 * pe * pe * De + cfg.num_encoder_layers * (2 * M * 12 * De * De + 4 * pairs_enc * De)
+    enc += 2 * N * De * d
+    dec = 2 * N * d * Dd + cfg.num_decoder_layers * (2 * N * 12 * Dd * Dd + 4 * (N * (N + 1) // 2) * Dd)
+    Dn, p, G = dd.dim, dd.patch_size, cfg.queries_per_step
+    T = (H // p) * (W // p)
+    blk = (2 * 2 * Dn * Dn                    # time embedding MLP (per image)
+           + 2 * G * 2 * Dn * Dn              # condition MLP
+           + 2 * T * 2 * Dn * Dn + 2 * G * 2 * Dn * Dn + 4 * T * G * Dn    # cross-attention (q, proj | k, v | scores)
+           + 2 * T * 6 * Dn * Dn              # adaLN modulation (per token)
+           + 2 * T * 4 * Dn * Dn + 4 * T * T * Dn                          # self-attention
+           + 2 * T * 8 * Dn * Dn)             # MLP
+    net = 2 * T * 3 * p * p * Dn * 2 + 2 * G * dd.cond_dim * Dn + dd.depth * blk
+    if repa:
+        g2 = dd.repa_grid ** 2
+        net += 2 * g2 * (Dn * dd.repa_hidden + dd.repa_hidden ** 2 + dd.repa_hidden * dd.repa_dim)
+    return {"encoder": enc, "decoder": dec, "diffusion": net, "dit_blocks": dd.depth * blk}
+
+
+def tokenizer_train_flops(cfg: TokenizerConfig, images: int, repa: bool = False,
+                          grad_checkpointing: bool = False) -> float:
+    """Forward + backward = 3 x forward; activation checkpointing re-runs the DiT blocks' forward once more."""
+    f = tokenizer_forward_flops(cfg, repa)
+    per = 3 * (f["encoder"] + f["decoder"] + f["diffusion"])
+    if grad_checkpointing:
+        per += f["dit_blocks"]
+    return float(per * images)
+
+
+# ====================================================================================== frozen networks
+
+def load_lpips(vgg: Optional[str], lin: Optional[str], device) -> nn.Module:
+    if not vgg or not lin:
+        raise ValueError("--lpips-weight > 0 needs the frozen LPIPS weights: --lpips-vgg (torchvision VGG16 "
+                         "state dict) and --lpips-lin (LPIPS linear layers, e.g. lpips' weights/v0.1/vgg.pth); "
+                         "or pass --lpips-weight 0")
+    try:
+        from dar_fast.training.lpips import LPIPS
+    except ImportError as e:
+        raise RuntimeError(f"LPIPS support is not available in this build: {e}") from e
+    net = LPIPS(vgg_path=vgg, lin_path=lin)
+    return net.to(device).eval().requires_grad_(False)
+
+
+def load_dino(path: Optional[str], device):
+    if not path:
+        raise ValueError("--repa-weight > 0 needs the frozen DINOv2-B encoder: --dinov2 (a local torch.hub "
+                         "directory or a state dict); or pass --repa-weight 0")
+    try:
+        from dar_fast.training.dinov2 import load_dinov2
+    except ImportError as e:
+        raise RuntimeError(f"DINOv2 support is not available in this build: {e}") from e
+    enc = load_dinov2(path)
+    if isinstance(enc, nn.Module):
+        enc = enc.to(device).eval().requires_grad_(False)
+    elif hasattr(enc, "to"):
+        enc = enc.to(device)
+    return enc
+
+
+# ====================================================================================== trainer
+
+class TokenizerTrainer(Trainer):
+    kind = "tokenizer"
+    throughput_key = "images_per_s"
+
+    def __init__(self, args, env: D.DistEnv):
+        super().__init__(args, env)
+        cfg = tokenizer_config(args.preset)
+        if getattr(args, "grad_checkpointing", False):
+            cfg = dataclasses.replace(cfg, diff_decoder=dataclasses.replace(cfg.diff_decoder, grad_checkpointing=True))
+        H, W = cfg.image_size
+        if H != W:
+            raise ValueError(f"tokenizer training needs square images, the config says {H}x{W}")
+        self.cfg = cfg
+        self.lpips_weight = _pick(args, "lpips_weight", args.preset)
+        has_head = cfg.repa_head and cfg.diff_decoder.repa_layer < cfg.diff_decoder.depth
+        # a config without a REPA head (the tiny ones) cannot do REPA: its default weight is 0
+        self.repa_weight = _pick(args, "repa_weight", args.preset) if (has_head or args.repa_weight is not None) else 0.0
+        for name, w in (("--lpips-weight", self.lpips_weight), ("--repa-weight", self.repa_weight)):
+            if w < 0 or not math.isfinite(w):
+                raise ValueError(f"{name} must be >= 0, got {w}")
+        if self.repa_weight > 0 and (not cfg.repa_head or cfg.diff_decoder.repa_layer >= cfg.diff_decoder.depth):
+            raise ValueError(f"--repa-weight {self.repa_weight} but preset {args.preset!r} has no REPA head "
+                             f"(repa_head={cfg.repa_head}, repa_layer={cfg.diff_decoder.repa_layer}, "
+                             f"depth={cfg.diff_decoder.depth}); pass --repa-weight 0")
+        self.lpips = load_lpips(args.lpips_vgg, args.lpips_lin, self.device) if self.lpips_weight > 0 else None
+        self.dino = load_dino(args.dinov2, self.device) if self.repa_weight > 0 else None
+        self.base_lr = float(args.lr if args.lr is not None else DEFAULTS["lr"])
+        self.warmup = int(args.warmup if args.warmup is not None else preset_default(args.preset, "warmup"))
+
+    def describe(self) -> str:
+        n = sum(p.numel() for p in self.model.parameters()) if hasattr(self, "model") else 0
+        return (f"tokenizer {self.args.preset} ({n / 1e6:.1f}M params, {self.cfg.image_size[0]}px, "
+                f"{self.cfg.num_all_queries} tokens), lpips {self.lpips_weight}, repa {self.repa_weight}")
+
+    def build_model(self) -> Tokenizer:
+        tok = init_tokenizer_weights_(Tokenizer(self.cfg))
+        if getattr(self.args, "init", None):
+            from dar_fast.api import load_tokenizer
+            src = load_tokenizer(self.args.init)
+            missing, unexpected = tok.load_state_dict(src.state_dict(), strict=False)
+            bad = [k for k in missing if not k.startswith("diff_decoder.net.repa_out.")] + list(unexpected)
+            if bad:
+                raise ValueError(f"--init {self.args.init} does not match preset {self.args.preset!r}: {bad[:8]}")
+        if tok.net.repa_out is not None and self.repa_weight == 0:
+            tok.net.repa_out.requires_grad_(False)      # unused: no gradient, no optimizer state, no DDP error
+        return tok
+
+    def build_objective(self, tok: Tokenizer) -> nn.Module:
+        if getattr(self.args, "compile", False):
+            for blk in tok.net.blocks:
+                blk.compile()
+        return TokenizerObjective(tok, self.lpips, self.lpips_weight, self.dino, self.repa_weight)
+
+    def fsdp_blocks(self, tok):
+        return [tok.encoder_layers, tok.decoder_layers, tok.net.blocks]
+
+    def param_groups(self, objective):
+        wd = float(self.args.weight_decay if self.args.weight_decay is not None else DEFAULTS["weight_decay"])
+        return [{"params": [p for p in objective.parameters() if p.requires_grad], "weight_decay": wd}]
+
+    def build_optimizer(self, groups):
+        return torch.optim.AdamW(groups, lr=self.base_lr, betas=DEFAULTS["betas"],
+                                 **_fused(self.device, self.strategy))
+
+    def build_data(self):
+        from dar_fast.training.data import make_loader
+        a = self.args
+        augment, flip = _augment_for(a)
+        return make_loader(a.data, self.cfg.image_size[0], self.rank_batch, rank=self.env.rank,
+                           world_size=self.env.world_size, seed=int(a.seed), loader=a.loader, augment=augment,
+                           flip=flip, device=self.device, num_workers=int(a.num_workers))
+
+    def lr(self, step: int) -> float:
+        return lr_at(step, self.base_lr, self.warmup)
+
+    def micro_batches(self, batch):
+        images, _labels = batch
+        out = []
+        for chunk in images.chunk(self.accum):
+            x0 = torch.randn(chunk.shape, generator=self.generator, device=self.device, dtype=torch.float32)
+            u = torch.rand(chunk.shape[0], generator=self.generator, device=self.device, dtype=torch.float32)
+            out.append((chunk, x0, u))
+        return out
+
+    def forward(self, wrapped, micro):
+        return wrapped(*micro)
+
+    def flops_per_step(self):
+        return tokenizer_train_flops(self.cfg, self.global_batch, repa=self.repa_weight > 0,
+                                     grad_checkpointing=self.cfg.diff_decoder.grad_checkpointing)
+
+    def fingerprint(self) -> dict:
+        return dict(model=_model_fingerprint(self.cfg), global_batch=self.global_batch,
+                    world_size=self.env.world_size, seed=int(self.args.seed))
+
+    def export(self, model_sd, path: str) -> None:
+        from dar_fast.api import save_tokenizer
+        cfg = dataclasses.replace(self.cfg, diff_decoder=dataclasses.replace(self.cfg.diff_decoder,
+                                                                           grad_checkpointing=False))
+        tok = Tokenizer(cfg)
+        tok.load_state_dict(model_sd, strict=True)
+        save_tokenizer(tok, path)
+
+
+def _fused(device, strategy) -> dict:
+    # fused AdamW on plain CUDA tensors; the foreach default for FSDP2's DTensor shards and on CPU
+    return {"fused": True} if device.type == "cuda" and strategy != "fsdp" else {}
+
+
+def _model_fingerprint(cfg) -> dict:
+    d = cfg.to_dict()
+    d.get("diff_decoder", {}).pop("grad_checkpointing", None)     # changes memory, not the math
+    return d
+
+
+def _pick(args, key, preset):
+    v = getattr(args, key, None)
+    return float(v) if v is not None else float(preset_default(preset, key))
+
+
+def _augment_for(args):
+    """--augment/--flip, defaulting to the released random crop + flip for photos and to a plain centre crop
+    without flips for the digits (a flipped digit is another glyph)."""
+    aug = getattr(args, "augment", None)
+    flip = getattr(args, "flip", None)
+    digits = str(args.data).startswith("digits")
+    if aug is None:
+        aug = "center" if digits else "random_crop_flip"
+    if flip is None:
+        flip = False
+    return aug, bool(flip)
+
+
+def train_tokenizer(args) -> dict:
+    """Run tokenizer training from parsed CLI arguments (see cli.py); returns the last metrics record."""
+    env = D.init_distributed(getattr(args, "device", "auto"))
+    try:
+        return TokenizerTrainer(args, env).run()
+    finally:
+        D.shutdown(env)
