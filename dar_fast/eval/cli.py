@@ -83,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.ref}: {len(ref.images)} reference images; need at least {MIN_SAMPLES}")
         for name, mu, dim in (("mu", ref.mu, POOL_DIM), ("mu_s", ref.mu_s, SPATIAL_DIM)):
             if mu is not None and mu.shape != (dim,):
-                raise ValueError(f"{args.ref}: '{name}' has shape {mu.shape}; the TF-Inception features have {dim} dims")
+                raise ValueError(f"{args.ref}: '{name}' has shape {mu.shape}; "
+                                 f"the TF-Inception features have {dim} dims")
     except (FileNotFoundError, ValueError) as e:
         return _fail(str(e))
 

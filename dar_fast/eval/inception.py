@@ -35,7 +35,6 @@ and says where to get it when it is missing.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 from typing import Dict, Optional, Union
@@ -44,6 +43,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from dar_fast.eval.metrics import full_fp32
 
 INCEPTION_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
@@ -56,7 +57,8 @@ NUM_CLASSES = 1008
 SPATIAL_CHANNELS = 7             # ADM keeps mixed_6/conv[..., :7]
 SPATIAL_DIM = 17 * 17 * SPATIAL_CHANNELS  # 2023 at 299x299 input
 
-_WHERE_TO_GET = (f"dar-fast never downloads weights: fetch {INCEPTION_FILENAME} (about 92 MB) from\n  {INCEPTION_URL}\n"
+_WHERE_TO_GET = (f"dar-fast never downloads weights: fetch {INCEPTION_FILENAME} (95.5 MB) from\n"
+                 f"  {INCEPTION_URL}\n"
                  f"(torch-fidelity's weights-inception-2015-12-05-6726825d.pth holds the same tensors), then pass "
                  f"--inception PATH or set {INCEPTION_ENV}=PATH")
 
@@ -347,14 +349,20 @@ def load_inception(path: Optional[Union[str, os.PathLike]] = None, device: Union
     except Exception as e:  # corrupt file, HTML saved instead of the weights, a pickled module...
         raise ValueError(f"{p}: cannot read as a PyTorch state dict ({type(e).__name__}: {e}).\n{_WHERE_TO_GET}") from e
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{p}: expected a state dict (name -> tensor) of {INCEPTION_FILENAME}, got {type(state).__name__}")
-    model = InceptionV3FID()
+        raise ValueError(f"{p}: expected a state dict (name -> tensor) of {INCEPTION_FILENAME}, "
+                         f"got {type(state).__name__}")
+    with torch.device("meta"):  # no random init of 24M weights that the file overwrites anyway
+        model = InceptionV3FID()
     load_inception_state_dict(model, state, source=str(p))
     return model.to(device)
 
 
 def load_inception_state_dict(model: InceptionV3FID, state: Dict[str, torch.Tensor], source: str = "state dict"):
-    """Strict load that ignores `num_batches_tracked` and reports missing, unexpected and mis-shaped tensors."""
+    """Strict load that ignores `num_batches_tracked` and reports missing, unexpected and mis-shaped tensors.
+
+    The model adopts float32 copies of the given tensors (`assign=True`, so a model
+    built on the meta device becomes real), on the device they are on.
+    """
     state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
@@ -372,7 +380,8 @@ def load_inception_state_dict(model: InceptionV3FID, state: Dict[str, torch.Tens
         if shapes:
             parts.append(f"{len(shapes)} shape mismatches: {show(shapes)}")
         raise ValueError("\n  ".join(parts))
-    model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, strict=True)
+    model.load_state_dict({k: v.to(torch.float32, copy=True).contiguous() for k, v in state.items()},
+                          strict=True, assign=True)
     return model
 
 
@@ -383,7 +392,9 @@ def random_state_dict(seed: int = 0) -> Dict[str, torch.Tensor]:
     """
     g = torch.Generator().manual_seed(seed)
     out = {}
-    for name, t in InceptionV3FID().state_dict().items():
+    with torch.device("meta"):
+        layout = InceptionV3FID().state_dict()
+    for name, t in layout.items():
         if name.endswith("conv.weight"):
             fan_in = t[0].numel()
             v = torch.randn(t.shape, generator=g) * (2.0 / fan_in) ** 0.5
@@ -405,20 +416,6 @@ def random_state_dict(seed: int = 0) -> Dict[str, torch.Tensor]:
 # Feature extraction
 # ----------------------------------------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def _full_fp32():
-    """Keep cuDNN convolutions in IEEE fp32: PyTorch lets them use TF32 by default, which moves
-    features by ~1e-3 relative and FID by more than the digits people report."""
-    cudnn, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32 = cudnn
-        torch.backends.cuda.matmul.allow_tf32 = matmul
-
-
 @torch.no_grad()
 def extract_features(images: Union[np.ndarray, torch.Tensor], inception: InceptionV3FID, batch_size: int = 100,
                      device: Union[str, torch.device, None] = None, progress: bool = True,
@@ -428,6 +425,7 @@ def extract_features(images: Union[np.ndarray, torch.Tensor], inception: Incepti
     Returns float32 numpy arrays: pool (N, 2048), logits (N, 1008), spatial (N, 2023).
     Each batch is copied to `device` as uint8 (4x less traffic than float) and
     converted there. The model is moved to `device` (default: where it is).
+    Runs in IEEE fp32 (`full_fp32`): no TF32 convolutions on GPUs.
     """
     if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"expected images of shape (N, H, W, 3), got {tuple(images.shape)}")
@@ -444,7 +442,7 @@ def extract_features(images: Union[np.ndarray, torch.Tensor], inception: Incepti
     if progress:
         from tqdm.auto import tqdm
         starts = tqdm(starts, total=len(starts), desc=desc, unit="batch")
-    with _full_fp32():
+    with full_fp32():
         for i in starts:
             batch = images[i:i + batch_size]
             batch = torch.from_numpy(np.ascontiguousarray(batch)) if isinstance(batch, np.ndarray) else batch

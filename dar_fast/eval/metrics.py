@@ -6,12 +6,32 @@ docstring says so and why.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from typing import Tuple, Union
 
 import numpy as np
 import torch
+
+
+@contextlib.contextmanager
+def full_fp32():
+    """IEEE fp32 for CUDA matmuls and cuDNN convolutions inside the block, restoring the settings after.
+
+    PyTorch lets cuDNN convolutions use TF32 by default (and other code may allow
+    it for matmuls). TF32 rounds inputs to 10 mantissa bits (~5e-4 relative),
+    far from the fp32 TF graph that reference statistics come from, and enough
+    to flip precision/recall decisions near a radius. A no-op on CPU.
+    """
+    matmul, conv = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(matmul)
+        torch.backends.cudnn.allow_tf32 = conv
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -75,20 +95,19 @@ def inception_score(logits, splits: int = 10) -> Tuple[float, float]:
     comes from log-softmax and log p(y) from a log-sum-exp, so probabilities that
     underflow to 0 contribute 0 rather than NaN (ADM takes log of float32 softmax).
     """
-    z = np.asarray(logits, dtype=np.float64)
+    z = np.asarray(logits)
     if z.ndim != 2:
         raise ValueError(f"inception_score expects logits of shape (N, C), got {z.shape}")
     n = z.shape[0]
     if splits < 1 or n < splits:
         raise ValueError(f"inception_score needs at least splits={splits} >= 1 samples, got N={n}")
-    log_p = z - _logsumexp(z, axis=1)[:, None]                     # (N, C) log p(y|x)
-    p = np.exp(log_p)
     scores = []
-    for k in range(splits):
+    for k in range(splits):  # chunk by chunk: (chunk, C) float64 at a time, not (N, C)
         lo, hi = k * n // splits, (k + 1) * n // splits
-        lp = log_p[lo:hi]
-        log_py = _logsumexp(lp, axis=0) - math.log(hi - lo)        # (C,) log of the chunk's marginal p(y)
-        kl = np.sum(p[lo:hi] * (lp - log_py[None]), axis=1)        # (chunk,)
+        zk = z[lo:hi].astype(np.float64)
+        log_p = zk - _logsumexp(zk, axis=1)[:, None]                 # (chunk, C) log p(y|x)
+        log_py = _logsumexp(log_p, axis=0) - math.log(hi - lo)      # (C,) log of the chunk's marginal p(y)
+        kl = np.sum(np.exp(log_p) * (log_p - log_py[None]), axis=1)  # (chunk,) KL(p(y|x) || p(y))
         scores.append(math.exp(kl.mean()))
     return float(np.mean(scores)), float(np.std(scores))
 
@@ -122,6 +141,8 @@ def knn_radii(features: torch.Tensor, k: int = 3, batch_size: int = 10000) -> to
     so an exact duplicate of a point still counts as a neighbour at distance 0.
     """
     n = features.shape[0]
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
     if n <= k:
         raise ValueError(f"k-NN radii with k={k} need more than {k} points, got {n}")
     sq = (features * features).sum(1)
@@ -151,13 +172,14 @@ def precision_recall(real_features, fake_features, k: int = 3, batch_size: int =
     the radius of at least one fake point (`<=`, as ADM).
 
     Distances are computed blockwise (batch_size x batch_size) with torch matmul
-    on `device` (default: CPU), comparing squared distances. In float32 the
-    |a|^2 - 2ab + |b|^2 form has an absolute error of about 1e-7 (|a|^2 + |b|^2):
-    for Inception pool features about 1e-6 of a typical squared distance, so only
-    pairs that close to a radius can flip. The ADM evaluator does the same
-    expansion in float16 (falling back to float32 on overflow), i.e. it is
-    coarser. dtype=torch.float64 removes the doubt at twice the cost (and far
-    more on GPUs with slow fp64).
+    on `device` (default: CPU) in IEEE `dtype` (no TF32), comparing squared
+    distances. In float32 the |a|^2 - 2ab + |b|^2 form has an absolute error of
+    about 1e-7 (|a|^2 + |b|^2); when squared norms and squared distances are of
+    the same order, as for Inception pool features, that is ~1e-6 relative
+    (an estimate), so only pairs that close to a radius can flip. The ADM
+    evaluator does the same expansion in float16 (falling back to float32 on
+    overflow), i.e. it is coarser. dtype=torch.float64 removes the doubt at
+    twice the cost on CPU (far more on GPUs with slow fp64).
     """
     device = torch.device(device) if device is not None else torch.device("cpu")
     real = _as_tensor(real_features, device, dtype)
@@ -166,16 +188,17 @@ def precision_recall(real_features, fake_features, k: int = 3, batch_size: int =
         raise ValueError(f"feature dims differ: real {tuple(real.shape)} vs fake {tuple(fake.shape)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    r_real = knn_radii(real, k, batch_size)
-    r_fake = knn_radii(fake, k, batch_size)
-    real_sq, fake_sq = (real * real).sum(1), (fake * fake).sum(1)
-    real_covered = torch.zeros(real.shape[0], dtype=torch.bool, device=device)  # -> recall
-    fake_covered = torch.zeros(fake.shape[0], dtype=torch.bool, device=device)  # -> precision
-    for r0 in range(0, real.shape[0], batch_size):
-        rr = slice(r0, r0 + batch_size)
-        for f0 in range(0, fake.shape[0], batch_size):
-            ff = slice(f0, f0 + batch_size)
-            d = _sq_dists(real[rr], real_sq[rr], fake[ff], fake_sq[ff])            # (Br, Bf)
-            fake_covered[ff] |= (d <= r_real[rr][:, None]).any(0)
-            real_covered[rr] |= (d <= r_fake[ff][None, :]).any(1)
+    with full_fp32():
+        r_real = knn_radii(real, k, batch_size)
+        r_fake = knn_radii(fake, k, batch_size)
+        real_sq, fake_sq = (real * real).sum(1), (fake * fake).sum(1)
+        real_covered = torch.zeros(real.shape[0], dtype=torch.bool, device=device)  # -> recall
+        fake_covered = torch.zeros(fake.shape[0], dtype=torch.bool, device=device)  # -> precision
+        for r0 in range(0, real.shape[0], batch_size):
+            rr = slice(r0, r0 + batch_size)
+            for f0 in range(0, fake.shape[0], batch_size):
+                ff = slice(f0, f0 + batch_size)
+                d = _sq_dists(real[rr], real_sq[rr], fake[ff], fake_sq[ff])            # (Br, Bf)
+                fake_covered[ff] |= (d <= r_real[rr][:, None]).any(0)
+                real_covered[rr] |= (d <= r_fake[ff][None, :]).any(1)
     return fake_covered.double().mean().item(), real_covered.double().mean().item()

@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dar_fast import ops
+from dar_fast.attention import attend
 from dar_fast.config import ARConfig
 
 
@@ -61,18 +62,15 @@ class Attention(nn.Module):
         k = qkv[..., Hq * hd:(Hq + Hk) * hd].view(B, T, Hk, hd)
         v = qkv[..., (Hq + Hk) * hd:].view(B, T, Hk, hd)
         q, k = ops.apply_rope(q, k, rope_pos)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)      # (B,H,T,hd)
         if input_pos is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)                      # (B,Hk,L,hd)
+            k, v = self.kv_cache.update(input_pos, k.transpose(1, 2), v.transpose(1, 2))   # (B,Hk,L,hd)
+            k, v = k.transpose(1, 2), v.transpose(1, 2)                                  # (B,L,Hk,hd)
         if Hk != Hq:
-            k = k.repeat_interleave(Hq // Hk, dim=1)
-            v = v.repeat_interleave(Hq // Hk, dim=1)
+            k = k.repeat_interleave(Hq // Hk, dim=2)
+            v = v.repeat_interleave(Hq // Hk, dim=2)
         dp = self.attn_dropout_p if self.training else 0.0
-        if mask is None:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dp)
-        else:
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dp)
-        return self.resid_dropout(self.wo(o.transpose(1, 2).reshape(B, T, D)))
+        o = attend(q, k, v, mask=mask, is_causal=mask is None, dropout_p=dp)             # (B,T,Hq,hd)
+        return self.resid_dropout(self.wo(o.reshape(B, T, D)))
 
 
 class FeedForward(nn.Module):

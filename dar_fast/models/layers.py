@@ -6,6 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dar_fast import ops
+from dar_fast.attention import attend
 
 LN_EPS = 1e-6   # every LayerNorm in the released tokenizer uses eps 1e-6
 
@@ -53,10 +54,9 @@ class Attention(nn.Module):
             # new token i sits at slot start+i and sees slots <= start+i
             mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
             is_causal = False
-        # SDPA never materialises the (T x S) attention map on the fused backends
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           attn_mask=mask, is_causal=is_causal)       # (B,H,T,hd)
-        return self.proj(o.transpose(1, 2).reshape(B, T, D))
+        # fused attention: the (T x S) map is never materialised
+        o = attend(q, k, v, mask=mask, is_causal=is_causal)                          # (B,T,H,hd)
+        return self.proj(o.reshape(B, T, D))
 
 
 class Mlp(nn.Module):
