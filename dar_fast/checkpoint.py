@@ -16,6 +16,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn as nn
 
+from dar_fast.io import atomic_write
+
 CONFIG_KEY = "dar_fast_config"   # safetensors metadata entry holding the JSON config
 KIND_KEY = "dar_fast_kind"       # "tokenizer" or "ar"
 
@@ -128,12 +130,7 @@ def load_strict(model: nn.Module, sd: dict, optional_prefixes=OPTIONAL_PREFIXES,
 
 def save_safetensors(model: nn.Module, path: str, config: dict, kind: str):
     """Weights + JSON config in the metadata, written atomically (temp file + rename)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if not k.endswith(_AR_DROP)}
-    tmp = path + ".tmp"
-    try:
-        save_file(sd, tmp, metadata={CONFIG_KEY: json.dumps(config), KIND_KEY: kind})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    data = save(sd, metadata={CONFIG_KEY: json.dumps(config), KIND_KEY: kind})
+    atomic_write(path, lambda f: f.write(data))

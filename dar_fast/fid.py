@@ -25,6 +25,9 @@ import zipfile
 import numpy as np
 import torch
 
+from dar_fast.eval.npz import save_npz_atomic
+from dar_fast.io import atomic_write, write_json_atomic
+
 
 def register(sub):
     p = sub.add_parser("fid", help="generate FID-50K samples (sharded, resumable) into an ADM-style .npz")
@@ -91,16 +94,6 @@ def _dist():
     return rank, world, dist.barrier, dist.destroy_process_group
 
 
-def _atomic_npz(path, **arrays):
-    tmp = f"{path}.tmp{os.getpid()}.npz"
-    try:
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _write_npy_member(zf: zipfile.ZipFile, name: str, shape, dtype, chunks):
     """Stream a .npy member into an open zip without materialising the whole array."""
     with zf.open(name + ".npy", "w", force_zip64=True) as f:
@@ -114,15 +107,12 @@ def assemble(shard_paths, out: str, num: int):
     """Shards (ordered) -> ADM `.npz` with arr_0 (N,H,W,3) uint8 and arr_1 (N,) labels, atomically."""
     first = np.load(shard_paths[0])
     H, W, C = first["images"].shape[1:]
-    tmp = f"{out}.tmp{os.getpid()}"
-    try:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+
+    def write(f):
+        with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
             _write_npy_member(zf, "arr_0", (num, H, W, C), np.uint8, (np.load(p)["images"] for p in shard_paths))
             _write_npy_member(zf, "arr_1", (num,), np.int64, (np.load(p)["labels"] for p in shard_paths))
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(out, write)
 
 
 def run(args) -> int:
@@ -161,10 +151,7 @@ def run(args) -> int:
                 raise ValueError(f"{shard_dir} holds shards made with other settings {diff} (on disk, now); "
                                  "use another --out or delete that directory")
         else:
-            tmp = manifest + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(settings, f, indent=1)
-            os.replace(tmp, manifest)
+            write_json_atomic(manifest, settings)
     barrier()
     num_shards = (N + B - 1) // B
     mine = [k for k in range(rank, num_shards, world)]
@@ -177,7 +164,7 @@ def run(args) -> int:
         labels = [class_of(i, args.seed, C, args.random_classes) for i in idx]
         out = pipe.sample(labels, cfg=cfg, seed=[args.seed] * len(idx), sample_ids=idx, temperature=args.temperature,
                           top_k=args.top_k, top_p=args.top_p)
-        _atomic_npz(os.path.join(shard_dir, f"shard_{k:06d}.npz"), images=out.images.numpy(),
+        save_npz_atomic(os.path.join(shard_dir, f"shard_{k:06d}.npz"), images=out.images.numpy(),
                     labels=np.asarray(labels, dtype=np.int64), tokens=out.tokens.numpy(), indices=np.asarray(idx))
         done += len(idx)
         bar.update(len(idx))

@@ -1,23 +1,18 @@
 """Writing results a person looks at: PNGs, grids, preview strips (atomically: temp file + rename)."""
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import numpy as np
 import torch
 
+from dar_fast.io import atomic_write
+
 
 def save_png(array: np.ndarray, path: str):
     """(H,W,3) uint8 -> PNG, never leaving a half-written file."""
     from PIL import Image
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        Image.fromarray(np.ascontiguousarray(array)).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda f: Image.fromarray(np.ascontiguousarray(array)).save(f, format="PNG"))
 
 
 def make_grid(images, nrow: int, pad: int = 2, scale: int = 1) -> np.ndarray:

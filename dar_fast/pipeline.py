@@ -137,7 +137,6 @@ class Pipeline:
         if top_k < 0 or not 0.0 < top_p <= 1.0:
             raise ValueError(f"top_k must be >= 0 and top_p in (0, 1], got top_k={top_k}, top_p={top_p}")
         prefix = check_prefix(tok, prefix_tokens, B)
-        P = 0 if prefix is None else prefix.shape[1]
         seeds, ids = resolve_keys(seed, B, sample_ids)
         scales = cfg_schedule(cfg, N)
         dev = self.device

@@ -1,6 +1,4 @@
 """Small models built in tests (random weights, released key layout)."""
-import dataclasses
-
 import torch
 
 from dar_fast.config import ARConfig, DiffDecoderConfig, TokenizerConfig

@@ -1,10 +1,9 @@
 """`dar-fast convert`: a released `.pt` checkpoint -> our safetensors with the config inside and beside it."""
 from __future__ import annotations
 
-import json
-import os
-
 import torch
+
+from dar_fast.io import write_json_atomic
 
 
 def register(sub):
@@ -31,10 +30,7 @@ def run(args) -> int:
         model = load_ar(args.checkpoint, config=args.config, dtype=torch.float32)
         save_ar(model, args.out)
     side = args.out[: -len(".safetensors")] + ".json"
-    tmp = side + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({"kind": args.kind, "model": model.cfg.to_dict()}, f, indent=1)
-    os.replace(tmp, side)
+    write_json_atomic(side, {"kind": args.kind, "model": model.cfg.to_dict()})
     n = sum(p.numel() for p in model.parameters())
     print(f"wrote {args.out} ({n:,} parameters) and {side}")
     return 0
