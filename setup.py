@@ -73,7 +73,7 @@ setup(
     python_requires=">=3.9",
     packages=["dar_fast", "dar_fast.models", "dar_fast.eval", "dar_fast.kernels", "dar_fast.training", "dar_fast.assets"],
     package_dir={"dar_fast": "dar_fast", "dar_fast.kernels": "kernels", "dar_fast.training": "training"},
-    package_data={"dar_fast.assets": ["*.safetensors", "*.json"]},
+    package_data={"dar_fast.assets": ["*.safetensors", "*.json", "*.png"]},
     install_requires=[
         "torch>=2.4",
         "numpy",

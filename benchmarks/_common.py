@@ -328,3 +328,29 @@ def triton_runnable(device: torch.device) -> bool:
     except Exception:
         return False
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def time_impls(case: str, impls: dict, device: torch.device, info: dict, *, nbytes: dict | float | None = None,
+               flops: float | None = None, flop_ceiling: str = "bf16_tflops", rep_ms: float = 100.0,
+               cuda_graph: bool = False, max_iters: dict | None = None, extra: dict | None = None) -> list[dict]:
+    """Time each of `impls` {name: fn} on one case; one record per impl, printed as it is measured.
+
+    nbytes: bytes one call must move (a number, or {impl: number} when the
+    implementations move different amounts; the figure is then that impl's own
+    traffic). Records get 'speedup_vs_torch' when a 'torch' impl was timed first.
+    """
+    rows = []
+    base = None
+    for name, fn in impls.items():
+        t = bench(fn, device, rep_ms=rep_ms, warmup_ms=min(25.0, rep_ms / 4), cuda_graph=cuda_graph,
+                  max_iters=(max_iters or {}).get(name))
+        nb = nbytes.get(name) if isinstance(nbytes, dict) else nbytes
+        rec = dict(case=case, impl=name, **(extra or {}), **t)
+        rec.update(rates(t["ms"], info, nbytes=nb, flops=flops, flop_ceiling=flop_ceiling))
+        if name == "torch":
+            base = t["ms"]
+        elif base is not None:
+            rec["speedup_vs_torch"] = base / t["ms"]
+        rows.append(rec)
+        print_row(rec)
+    return rows

@@ -35,10 +35,10 @@ from __future__ import annotations
 
 import functools
 import numbers
-import os
 
 import torch
 
+from dar_fast.kernels._interp import interpreted_stdlib, interpreting
 from dar_fast.kernels.backend import use_triton
 
 try:  # optional: the module must import (and the reference run) without triton
@@ -92,7 +92,8 @@ def flow_output_ref(x, v, v_prev, t, t_next, data_std=None, to_uint8=False):
 
 def _flow_step_kernel(x_ptr, v_ptr, vp_ptr, out_ptr, t_ptr, tn_ptr, ds_ptr,
                       dt_val, t_val, tn_val, ds_val, t_bs, tn_bs, C, S,
-                      HAS_PREV: tl.constexpr, T_PTR: tl.constexpr, TN_PTR: tl.constexpr, DS_PTR: tl.constexpr,
+                      HAS_PREV: tl.constexpr, T_PTR: tl.constexpr, TN_PTR: tl.constexpr, DT_HOST: tl.constexpr,
+                      DS_PTR: tl.constexpr,
                       MODE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
     """Tile (BLOCK_C channels x BLOCK_S positions) of sample b = program_id(1); x viewed as (B, C, S).
 
@@ -110,18 +111,18 @@ def _flow_step_kernel(x_ptr, v_ptr, vp_ptr, out_ptr, t_ptr, tn_ptr, ds_ptr,
         d = 1.5 * v - 0.5 * vp
     else:
         d = v
-    if T_PTR or TN_PTR:                        # per-call or per-sample times read on the device
-        if T_PTR:
-            t = tl.load(t_ptr + b * t_bs).to(tl.float32)
-        else:
-            t = t_val
-        if TN_PTR:
-            tn = tl.load(tn_ptr + b * tn_bs).to(tl.float32)
-        else:
-            tn = tn_val
-        dt = tn - t
-    else:                                      # both Python floats: dt = t_next - t rounded once, on the host
+    if T_PTR:                                  # per-call or per-sample times, read on the device
+        t = tl.load(t_ptr + b * t_bs).to(tl.float32)
+    else:
+        t = t_val
+    if TN_PTR:
+        tn = tl.load(tn_ptr + b * tn_bs).to(tl.float32)
+    else:
+        tn = tn_val
+    if DT_HOST:                                # both Python floats: dt = t_next - t rounded once, on the host
         dt = dt_val
+    else:
+        dt = tn - t
     y = x + dt * d
     if MODE == 0:
         tl.store(out_ptr + off, y.to(out_ptr.dtype.element_ty), mask=m)
@@ -179,12 +180,14 @@ def flow_step_triton(x, v, v_prev, t, t_next, data_std=None, to_uint8=False):
     tnp, tnv, tnbs = _scalar_or_ptr(t_next, x.device)
     dsp, dsv, _ = (None, 1.0, 0) if data_std is None else _scalar_or_ptr(data_std, x.device)
     dt = tnv - tv                                   # float64 difference, rounded to fp32 once in the kernel
-    _kernel(os.environ.get("TRITON_INTERPRET", "0") == "1")[(triton.cdiv(S, block_s), B)](
-        x, v, x if vp is None else vp, out,
-        x if tp is None else tp, x if tnp is None else tnp, x if dsp is None else dsp,
-        dt, tv, tnv, dsv, tbs, tnbs, C, S,
-        HAS_PREV=vp is not None, T_PTR=tp is not None, TN_PTR=tnp is not None, DS_PTR=dsp is not None,
-        MODE=mode, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=4)
+    with interpreted_stdlib():
+        _kernel(interpreting())[(triton.cdiv(S, block_s), B)](
+            x, v, x if vp is None else vp, out,
+            x if tp is None else tp, x if tnp is None else tnp, x if dsp is None else dsp,
+            dt, tv, tnv, dsv, tbs, tnbs, C, S,
+            HAS_PREV=vp is not None, T_PTR=tp is not None, TN_PTR=tnp is not None,
+            DT_HOST=tp is None and tnp is None, DS_PTR=dsp is not None,
+            MODE=mode, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=4)
     return out
 
 
@@ -234,7 +237,7 @@ def flow_step(x, v, v_prev, t, t_next, *, data_std=None, to_uint8=False):
     Triton path; the torch path is `flow_output_ref` (x's dtype, as released).
     """
     _check_flow_inputs(x, v, v_prev, t, t_next, data_std, to_uint8)
-    if use_triton("flow_step", x, v, v_prev):
+    if x.shape[0] <= 65535 and use_triton("flow_step", x, v, v_prev):      # the batch is grid axis 1
         return flow_step_triton(x, v, v_prev, t, t_next, data_std, to_uint8)
     return flow_output_ref(x, v, v_prev, t, t_next, data_std, to_uint8)
 

@@ -35,10 +35,11 @@ It stops being fast when
 from __future__ import annotations
 
 import functools
-import os
+import sys
 
 import torch
 
+from dar_fast.kernels._interp import interpreted_stdlib, interpreting
 from dar_fast.kernels.backend import use_triton
 
 try:  # optional: the module must import (and the reference run) without triton
@@ -100,6 +101,25 @@ def grid_positions(h: int, w: int, num_identity: int = 0, device=None) -> torch.
 
 # ----------------------------------------------------------------------------- kernel
 
+def _rotate_heads(x_ptr, o_ptr, H, sh, sd, soh, sod, c, s,
+                  BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr, HALF_D: tl.constexpr):
+    """Rotate heads 0..H-1 of one token: x_ptr/o_ptr point at the token, c/s are (1, BLOCK_P).
+
+    Each block of heads is read as whole contiguous rows (vector loads when
+    stride(-1) == 1) and split into the (even, odd) halves of its pairs.
+    """
+    e = tl.arange(0, 2 * BLOCK_P)
+    e_ok = e < 2 * HALF_D
+    hh = tl.arange(0, BLOCK_H)
+    for h0 in range(0, H, BLOCK_H):
+        h = h0 + hh
+        m = (h < H)[:, None] & e_ok[None, :]
+        x = tl.load(x_ptr + h[:, None] * sh + e[None, :] * sd, mask=m, other=0.0).to(tl.float32)
+        x0, x1 = tl.split(tl.reshape(x, (BLOCK_H, BLOCK_P, 2)))      # elements 2j and 2j+1
+        o = tl.reshape(tl.join(c * x0 - s * x1, s * x0 + c * x1), (BLOCK_H, 2 * BLOCK_P))
+        tl.store(o_ptr + h[:, None] * soh + e[None, :] * sod, o.to(o_ptr.dtype.element_ty), mask=m)
+
+
 def _rope_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, pos_ptr, freq_ptr, T, Hq, Hk,
                  sqb, sqt, sqh, sqd, skb, skt, skh, skd,
                  sob, sot, soh, sod, sgb, sgt, sgh, sgd,
@@ -129,38 +149,21 @@ def _rope_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, pos_ptr, freq_ptr, T, Hq, Hk,
         s = tl.sin(ang)
     if INVERSE:
         s = -s
-    c = c[None, :]
-    s = s[None, :]
-    hh = tl.arange(0, BLOCK_H)
-    for h0 in range(0, Hq, BLOCK_H):
-        h = h0 + hh
-        m = (h < Hq)[:, None] & j_ok[None, :]
-        src = q_ptr + b * sqb + t * sqt + h[:, None] * sqh + (2 * j)[None, :] * sqd
-        x0 = tl.load(src, mask=m, other=0.0).to(tl.float32)
-        x1 = tl.load(src + sqd, mask=m, other=0.0).to(tl.float32)
-        dst = qo_ptr + b * sob + t * sot + h[:, None] * soh + (2 * j)[None, :] * sod
-        tl.store(dst, (c * x0 - s * x1).to(qo_ptr.dtype.element_ty), mask=m)
-        tl.store(dst + sod, (s * x0 + c * x1).to(qo_ptr.dtype.element_ty), mask=m)
+    _rotate_heads(q_ptr + b * sqb + t * sqt, qo_ptr + b * sob + t * sot, Hq, sqh, sqd, soh, sod,
+                  c[None, :], s[None, :], BLOCK_H, BLOCK_P, HALF_D)
     if HAS_K:
-        for h0 in range(0, Hk, BLOCK_H):
-            h = h0 + hh
-            m = (h < Hk)[:, None] & j_ok[None, :]
-            src = k_ptr + b * skb + t * skt + h[:, None] * skh + (2 * j)[None, :] * skd
-            x0 = tl.load(src, mask=m, other=0.0).to(tl.float32)
-            x1 = tl.load(src + skd, mask=m, other=0.0).to(tl.float32)
-            dst = ko_ptr + b * sgb + t * sgt + h[:, None] * sgh + (2 * j)[None, :] * sgd
-            tl.store(dst, (c * x0 - s * x1).to(ko_ptr.dtype.element_ty), mask=m)
-            tl.store(dst + sgd, (s * x0 + c * x1).to(ko_ptr.dtype.element_ty), mask=m)
+        _rotate_heads(k_ptr + b * skb + t * skt, ko_ptr + b * sgb + t * sgt, Hk, skh, skd, sgh, sgd,
+                      c[None, :], s[None, :], BLOCK_H, BLOCK_P, HALF_D)
+
+
+if triton is not None:
+    _rotate_heads = triton.jit(_rotate_heads)
 
 
 @functools.lru_cache(maxsize=None)
 def _kernel(interpret: bool):
     """The jitted kernel; built per TRITON_INTERPRET mode (triton.jit reads it at decoration)."""
     return triton.jit(_rope_kernel)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 _FREQ_CACHE: dict = {}
@@ -201,11 +204,12 @@ def rope_triton(q: torch.Tensor, k: torch.Tensor | None, pos: torch.Tensor, base
     if B * T == 0:
         return qo, (None if k is None else ko)
     block_h = min(triton.next_power_of_2(max(Hq, Hk)), 16)
-    _kernel(_interpreting())[(B * T,)](
-        q, kk, qo, ko, pos, freqs, T, Hq, Hk,
-        *q.stride(), *kk.stride(), *qo.stride(), *ko.stride(), *pos.stride(),
-        HALF_D=D // 2, HALF_SUB=sub // 2, BLOCK_P=triton.next_power_of_2(D // 2), BLOCK_H=block_h,
-        HAS_K=k is not None, INVERSE=inverse, PRECISE_TRIG=not _interpreting(), num_warps=4)
+    with interpreted_stdlib(sys.modules[__name__]):
+        _kernel(interpreting())[(B * T,)](
+            q, kk, qo, ko, pos, freqs, T, Hq, Hk,
+            *q.stride(), *kk.stride(), *qo.stride(), *ko.stride(), *pos.stride(),
+            HALF_D=D // 2, HALF_SUB=sub // 2, BLOCK_P=triton.next_power_of_2(D // 2), BLOCK_H=block_h,
+            HAS_K=k is not None, INVERSE=inverse, PRECISE_TRIG=not interpreting(), num_warps=4)
     return qo, (None if k is None else ko)
 
 

@@ -13,17 +13,23 @@ memory speed (M = 16384 tokens: 1 GiB written and read again). The kernel keeps
 each (BLOCK_M x BLOCK_N) tile of similarities in registers and folds it into a
 running per-slot (value, tile) arg-max, so it reads z once and the normalised
 codebook (n*d*4 = 512 KiB, L2-resident) once per block of rows and writes M
-int64s. It is then bound by fp32 FMA issue on the CUDA cores: d FMAs plus one
-compare and two selects per similarity (~11 ops at d = 8), ~3 G ops at
-M = n = 16384, i.e. on the order of 0.1 ms on an H100 (~33 T ops/s fp32 lanes).
+int64s. It is then bound by instruction issue on the CUDA cores: d FMAs plus
+one compare and two selects per similarity is the floor (~11 at d = 8); the
+compiled tile loop takes ~16 per similarity (SASS, sm_90), ~4.3 G instructions
+at M = n = 16384, on the order of 0.13 ms on an H100 (~33 T lane-instr/s)
+against ~0.7 ms of memory traffic alone for the reference (estimates: not
+timed, no GPU was available when this was written; see bench_vq_nearest.py).
   * d < 16: outer-product accumulation over d with exactly d FMAs (a tl.dot
-    would pad K to 16 and do twice the work);
+    would pad K to 16 and do twice the work: 23.5 instructions / similarity);
   * d >= 16: tl.dot in IEEE fp32 (FMA lowering; no TF32, which would change the
     arg-max near ties), with register blocking done by the compiler.
+  * the codebook is padded with NaN columns to whole tiles (a NaN similarity
+    never wins the strict compare), so the tile loop has no masks.
 It stops being fast when
   * M is small (one image: M = 256 -> 4 row blocks): the codebook is split
-    across programs (SPLIT) so every SM has work, and a second tiny kernel
-    reduces the SPLIT partial arg-maxes; at that size the launch dominates;
+    across programs (SPLIT, ~8 programs per SM) so every SM has work, and a
+    second tiny kernel reduces the SPLIT partial arg-maxes; at that size the
+    two launches dominate;
   * d is large (> 64 is not tuned: the per-tile work and registers grow with
     d and tensor cores would be the right tool). For d > 256 the public
     function falls back to the reference.
@@ -35,11 +41,11 @@ answer is as right as the other. NaN inputs give an unspecified index.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import torch.nn.functional as F
 
+from dar_fast.kernels._interp import interpreted_stdlib, interpreting
 from dar_fast.kernels.backend import use_triton
 
 try:  # optional: the module must import (and the reference run) without triton
@@ -81,13 +87,15 @@ def _check_inputs(z: torch.Tensor, codebook: torch.Tensor) -> None:
 # ----------------------------------------------------------------------------- kernels
 
 def _vq_nearest_kernel(z_ptr, cbt_ptr, idx_ptr, pval_ptr, pidx_ptr,
-                       M, N, stride_zm, stride_zd, tiles_per_split,
+                       M, NP, stride_zm, stride_zd, tiles_per_split,
                        D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        USE_DOT: tl.constexpr, PARTIAL: tl.constexpr):
     """One (BLOCK_M rows) x (codebook split) program: normalise z, similarities, running arg-max.
 
-    cbt is the normalised codebook transposed, (D, N) contiguous, so a tile's
-    row k is BLOCK_N contiguous floats.
+    cbt is the normalised codebook transposed and padded, (BLOCK_D, NP)
+    contiguous with NP a multiple of BLOCK_N: rows >= d are 0 and columns >= n
+    are NaN. A NaN similarity never passes `s > best`, so the tile loop needs
+    no masks (and its loads vectorise).
     """
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -104,22 +112,20 @@ def _vq_nearest_kernel(z_ptr, cbt_ptr, idx_ptr, pval_ptr, pidx_ptr,
     best_tile = tl.zeros((BLOCK_M, BLOCK_N), tl.int32)
     cols = tl.arange(0, BLOCK_N)
     tile_lo = pid_s * tiles_per_split
-    tile_hi = tl.minimum(tile_lo + tiles_per_split, tl.cdiv(N, BLOCK_N))
+    tile_hi = tl.minimum(tile_lo + tiles_per_split, NP // BLOCK_N)
     for tile in range(tile_lo, tile_hi):
         rn = tile * BLOCK_N + cols
-        n_ok = rn < N
         if USE_DOT:
-            c = tl.load(cbt_ptr + rd[:, None] * N + rn[None, :], mask=(rd[:, None] < D) & n_ok[None, :], other=0.0)
+            c = tl.load(cbt_ptr + rd[:, None] * NP + rn[None, :])
             s = tl.dot(zn, c, input_precision="ieee")
         else:
-            s = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-            for k in tl.static_range(D):
-                # column k of the normalised tile (loop-invariant: hoisted out of the tile loop)
+            # outer products over k; the columns of zn are loop-invariant (hoisted out of the tile loop)
+            z0 = tl.sum(tl.where(rd[None, :] == 0, zn, 0.0), axis=1)
+            s = z0[:, None] * tl.load(cbt_ptr + rn)[None, :]
+            for k in tl.static_range(1, D):
                 zk = tl.sum(tl.where(rd[None, :] == k, zn, 0.0), axis=1)
-                ck = tl.load(cbt_ptr + k * N + rn, mask=n_ok, other=0.0)
-                s += zk[:, None] * ck[None, :]
-        s = tl.where(n_ok[None, :], s, float("-inf"))
-        upd = s > best_val                           # strict: the earlier tile keeps a tie
+                s += zk[:, None] * tl.load(cbt_ptr + k * NP + rn)[None, :]
+        upd = s > best_val                           # strict: the earlier tile keeps a tie; NaN never wins
         best_val = tl.where(upd, s, best_val)
         best_tile = tl.where(upd, tile, best_tile)
 
@@ -163,39 +169,54 @@ def _num_sms(device_index: int) -> int:
 
 # ----------------------------------------------------------------------------- host launcher
 
-def vq_nearest_triton(z: torch.Tensor, codebook: torch.Tensor, *, block_m: int = 64, block_n: int = 64,
-                      split: int | None = None, use_dot: bool | None = None) -> torch.Tensor:
-    """Launch the Triton kernel (inputs already checked). `split`/`use_dot` override the heuristics (tests)."""
+def vq_nearest_triton(z: torch.Tensor, codebook: torch.Tensor, *, split: int | None = None,
+                      use_dot: bool | None = None) -> torch.Tensor:
+    """Launch the Triton kernel (inputs already checked). `split`/`use_dot` override the heuristics (tests).
+
+    Tile shapes were chosen by compiling for sm_90 offline and counting SASS
+    instructions per similarity in the tile loop (ideal ~11 at d = 8: 8 FFMA,
+    compare, 2 selects), not by timing (no GPU was available):
+      outer product 64x32, 2 warps: 15.8 / sim, 148 registers (64x64, 4 warps: 17.8; 32x64: 16.9)
+      tl.dot (K padded to 16) 64x64, 4 warps: 23.5 / sim
+    """
     M, d = z.shape
     n = codebook.shape[0]
     out = torch.empty(M, dtype=torch.int64, device=z.device)
     if M == 0:
         return out
-    # n*d*4 bytes: normalising it once per call is cheaper than once per program
-    cbt = F.normalize(codebook.float(), dim=-1).t().contiguous()          # (d, n)
     if use_dot is None:
         use_dot = d >= 16
+    block_m, block_n, warps = (64, 64, 4) if use_dot else (64, 32, 2)
     block_d = max(16 if use_dot else 1, triton.next_power_of_2(d))
     m_blocks = triton.cdiv(M, block_m)
     n_tiles = triton.cdiv(n, block_n)
+    np_ = n_tiles * block_n
+    # n*d*4 bytes: normalising it once per call is cheaper than once per program. Padded (see the kernel):
+    # rows d..block_d-1 are 0, columns n..np_-1 NaN.
+    cbt = torch.zeros((block_d, np_), dtype=torch.float32, device=z.device)
+    cbt[:, n:] = float("nan")
+    cbt[:d, :n] = F.normalize(codebook.float(), dim=-1).t()
     if split is None:
         sms = _num_sms(z.device.index if z.device.index is not None else torch.cuda.current_device()) \
             if z.is_cuda else 1
-        split = 1 if m_blocks >= sms else triton.cdiv(2 * sms, m_blocks)
+        # ~8 programs per SM (a program holds ~150 registers x 64 threads, so several fit), splitting the
+        # codebook when there are too few row blocks; the partial arg-maxes cost 8 bytes per row and split
+        split = triton.cdiv(8 * sms, m_blocks)
     split = max(1, min(int(split), n_tiles))
     tiles_per_split = triton.cdiv(n_tiles, split)
     split = triton.cdiv(n_tiles, tiles_per_split)                          # no empty split
-    main, reduce = _kernels(os.environ.get("TRITON_INTERPRET", "0") == "1")
+    main, reduce = _kernels(interpreting())
     if split == 1:
         pval = pidx = out                                                  # unused
     else:
         pval = torch.empty((split, M), dtype=torch.float32, device=z.device)
         pidx = torch.empty((split, M), dtype=torch.int32, device=z.device)
-    main[(m_blocks, split)](z, cbt, out, pval, pidx, M, n, z.stride(0), z.stride(1), tiles_per_split,
-                            D=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-                            USE_DOT=bool(use_dot), PARTIAL=split > 1, num_warps=4)
-    if split > 1:
-        reduce[(triton.cdiv(M, 256),)](pval, pidx, out, M, split, BLOCK_M=256, num_warps=4)
+    with interpreted_stdlib():
+        main[(m_blocks, split)](z, cbt, out, pval, pidx, M, np_, z.stride(0), z.stride(1), tiles_per_split,
+                                D=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
+                                USE_DOT=bool(use_dot), PARTIAL=split > 1, num_warps=warps)
+        if split > 1:
+            reduce[(triton.cdiv(M, 256),)](pval, pidx, out, M, split, BLOCK_M=256, num_warps=4)
     return out
 
 
