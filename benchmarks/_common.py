@@ -22,14 +22,13 @@ measured with a large copy (bytes read + written).
 Results. `write_results` writes one JSON file: {"benchmark", "meta", "results"}
 where meta carries device_info (name, ceilings), torch / triton / CUDA versions, the date
 (UTC, ISO 8601), the git sha and whether the tree was dirty, and the command
-line. It writes to a temporary file and renames it, so a failed run never
+line. It writes through dar_fast.io.write_json_atomic, so a failed run never
 leaves a half-written result.
 """
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import os
 import platform
 import statistics
@@ -268,19 +267,13 @@ def metadata(device: torch.device | str, smoke: bool = False) -> dict:
 def write_results(path: str, benchmark: str, results: list[dict], device: torch.device | str,
                   smoke: bool = False, extra: dict | None = None) -> dict:
     """Write {'benchmark', 'meta', 'results'} to `path` atomically; returns the payload."""
+    from dar_fast.io import write_json_atomic
+
     payload = dict(benchmark=benchmark, meta=metadata(device, smoke), results=results)
     if extra:
         payload.update(extra)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(payload, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_json_atomic(path, payload)
     return payload
 
 
