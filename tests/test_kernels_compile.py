@@ -1,0 +1,86 @@
+"""The Triton kernels compile for Hopper (sm_90) on a machine without a GPU.
+
+The interpreter (the CPU tests) runs the kernels as numpy code and never
+lowers them, so a construct that fails to compile, or a lowering we rely on
+(no approximate sin/cos or division), would only show on a GPU. triton.compile
+targets sm_90 without a device (ptxas ships with triton): this catches it in
+CPU CI.
+"""
+import os
+import re
+
+import pytest
+
+from dar_fast.kernels.backend import triton_available
+
+pytestmark = pytest.mark.skipif(not triton_available(), reason="triton not installed")
+
+DIV16 = [["tt.divisibility", 16]]
+
+
+def compile_sm90(jitfn, types: dict, consts: dict, div16=(), num_warps=4):
+    """triton.compile for sm_90 -> (ptx, cubin); `types` gives every non-constexpr argument."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = {n: ("constexpr" if n in consts else types[n]) for n in jitfn.arg_names}
+    attrs = {(jitfn.arg_names.index(n),): DIV16 for n in div16}
+    try:
+        k = triton.compile(ASTSource(fn=jitfn, signature=sig, constexprs=consts, attrs=attrs),
+                           target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
+    except RuntimeError as e:  # no usable ptxas on this machine
+        if "ptxas" in str(e).lower():
+            pytest.skip(f"no ptxas: {e}")
+        raise
+    return k.asm["ptx"], k.asm["cubin"]
+
+
+@pytest.fixture(autouse=True)
+def _compiled_mode(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
+@pytest.mark.parametrize("d,dot,partial", [(8, False, True), (13, False, False), (64, True, True)])
+def test_vq_nearest_compiles(d, dot, partial):
+    from dar_fast.kernels import vq_nearest as vqm
+    main, red = vqm._kernels(False)
+    types = dict(z_ptr="*bf16", cbt_ptr="*fp32", idx_ptr="*i64", pval_ptr="*fp32", pidx_ptr="*i32", M="i32",
+                 NP="i32", stride_zm="i32", stride_zd="i32", tiles_per_split="i32")
+    bd = max(16 if dot else 1, 1 << (d - 1).bit_length())
+    ptx, cubin = compile_sm90(main, types, dict(D=d, BLOCK_D=bd, BLOCK_M=64, BLOCK_N=64 if dot else 32, USE_DOT=dot,
+                                                PARTIAL=partial), div16=("cbt_ptr", "NP"), num_warps=4 if dot else 2)
+    assert cubin and "div.full" not in ptx and "sqrt.approx" not in ptx     # IEEE normalisation
+    compile_sm90(red, dict(pval_ptr="*fp32", pidx_ptr="*i32", idx_ptr="*i64", M="i32", SPLIT="i32"),
+                 dict(BLOCK_M=256))
+
+
+@pytest.mark.parametrize("dtype,has_k,inverse", [("bf16", True, False), ("fp32", False, True)])
+def test_rope_compiles(dtype, has_k, inverse):
+    from dar_fast.kernels import rope as rm
+    k = rm._kernel(False)
+    types = {n: "i32" for n in k.arg_names}
+    types.update(q_ptr=f"*{dtype}", k_ptr=f"*{dtype}", qo_ptr=f"*{dtype}", ko_ptr=f"*{dtype}", pos_ptr="*i32",
+                 freq_ptr="*fp32")
+    # stride(-1) == 1 is specialised to a constant at run time, as here
+    ptx, cubin = compile_sm90(k, types, dict(HALF_D=32, HALF_SUB=16, BLOCK_P=32, BLOCK_H=16, HAS_K=has_k,
+                                             INVERSE=inverse, PRECISE_TRIG=True, sqd=1, skd=1, sod=1, sgd=1),
+                              div16=("q_ptr", "k_ptr", "qo_ptr", "ko_ptr", "sqb", "sqt", "sqh", "skb", "skt", "skh",
+                                     "sob", "sot", "soh", "sgb", "sgt", "sgh"))
+    assert cubin and "sin.approx" not in ptx and "cos.approx" not in ptx   # libdevice sin/cos
+    assert re.search(r"ld\.global(\.nc)?\.v[24]", ptx)                      # rows read with vector loads
+
+
+@pytest.mark.parametrize("mode,tptr,prev", [(0, False, True), (1, True, False), (2, True, True)])
+def test_flow_step_compiles(mode, tptr, prev):
+    from dar_fast.kernels import flow_step as fm
+    k = fm._kernel(False)
+    types = dict(x_ptr="*bf16", v_ptr="*bf16", vp_ptr="*bf16", out_ptr={0: "*bf16", 1: "*fp32", 2: "*u8"}[mode],
+                 t_ptr="*fp32", tn_ptr="*fp32", ds_ptr="*fp32", dt_val="fp32", t_val="fp32", tn_val="fp32",
+                 ds_val="fp32", t_bs="i32", tn_bs="i32", C="i32", S="i32")
+    ptx, cubin = compile_sm90(k, types, dict(HAS_PREV=prev, T_PTR=tptr, TN_PTR=tptr, DT_HOST=not tptr, DS_PTR=tptr,
+                                             MODE=mode, BLOCK_C=4 if mode == 2 else 1,
+                                             BLOCK_S=256 if mode == 2 else 1024),
+                              div16=("x_ptr", "v_ptr", "vp_ptr", "out_ptr", "S"))
+    assert cubin and "div.full" not in ptx
+    assert os.environ.get("TRITON_INTERPRET", "0") != "1"
