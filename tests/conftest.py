@@ -4,6 +4,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from dar_fast.kernels.backend import triton_available
+
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = Path(os.environ.get("DAR_FAST_REFERENCE", ROOT.parent / "shared" / "reference"))
 
@@ -26,6 +28,27 @@ def _fresh_seed():
     seed = int.from_bytes(os.urandom(4), "little")
     torch.manual_seed(seed)
     yield seed
+
+
+needs_triton = pytest.mark.skipif(not triton_available(), reason="triton not installed")
+
+
+@pytest.fixture(params=["torch", pytest.param("triton", marks=needs_triton)])
+def backend(request, monkeypatch):
+    """Force one backend through the environment switch (triton: the interpreter on CPU)."""
+    monkeypatch.setenv("DAR_FAST_BACKEND", request.param)
+    if request.param == "triton":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    return request.param
+
+
+@pytest.fixture
+def one_thread():
+    # tiny models: one thread is as fast, and far faster than two threads fighting other jobs for 2 cores
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def pytest_collection_modifyitems(config, items):

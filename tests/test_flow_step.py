@@ -4,19 +4,9 @@ import torch
 
 from dar_fast import ops
 from dar_fast.kernels import flow_step as fm
-from dar_fast.kernels.backend import triton_available
 from dar_fast.kernels.flow_step import flow_preview, flow_preview_ref, flow_step, flow_step_ref, images_to_uint8_ref
 
-needs_triton = pytest.mark.skipif(not triton_available(), reason="triton not installed")
-
-
-@pytest.fixture(params=["torch", pytest.param("triton", marks=needs_triton)])
-def backend(request, monkeypatch):
-    """Force one backend through the environment switch (triton: the interpreter on CPU)."""
-    monkeypatch.setenv("DAR_FAST_BACKEND", request.param)
-    if request.param == "triton":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    return request.param
+from conftest import needs_triton
 
 
 def inputs(B=3, C=3, H=20, W=20, dtype=torch.float32, device="cpu"):

@@ -4,23 +4,9 @@ import torch
 
 from dar_fast import ops
 from dar_fast.kernels import rope as rm
-from dar_fast.kernels.backend import triton_available
 from dar_fast.kernels.rope import apply_rope, apply_rope_ref, grid_positions, rope_angles
 
-needs_triton = pytest.mark.skipif(not triton_available(), reason="triton not installed")
-
-
-@pytest.fixture(params=["torch", pytest.param("triton", marks=needs_triton)])
-def backend(request, monkeypatch):
-    """Force one backend through the environment switch (triton: the interpreter on CPU)."""
-    monkeypatch.setenv("DAR_FAST_BACKEND", request.param)
-    if request.param == "triton":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    return request.param
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+from conftest import needs_triton, rel_err
 
 
 def positions(T, P, identity=0):

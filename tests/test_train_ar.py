@@ -19,14 +19,6 @@ AR = dict(dim=64, n_layer=2, n_head=2, vocab_size=32, block_size=16, num_classes
           token_dropout_p=0.1, resid_dropout_p=0.1, ffn_dropout_p=0.1)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def write_codes(d, codes, labels, codebook=32):
     """A code directory as extract-codes writes it: codes (M, A, N), labels (M,), meta.json."""
     d.mkdir(parents=True, exist_ok=True)
@@ -38,6 +30,9 @@ def write_codes(d, codes, labels, codebook=32):
         codebook_size=codebook, dtype="int16", code_min=int(codes.min()), code_max=int(codes.max()),
         num_classes=int(max(labels)) + 1, skipped=0)))
     return str(d)
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -20,13 +20,8 @@ from dar_fast.training.tokenizer_train import (init_tokenizer_weights_, tokenize
 from helpers import tiny_tokenizer, tiny_tokenizer_config
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: one thread is as fast, and far faster than two threads fighting other jobs for 2 cores
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -12,20 +12,10 @@ import torch.nn.functional as F
 
 from dar_fast import ops
 from dar_fast.kernels import vq_nearest as vqm
-from dar_fast.kernels.backend import triton_available
 from dar_fast.kernels.vq_nearest import vq_nearest, vq_nearest_ref, vq_nearest_triton
 
 NEAR_TIE = 1e-6          # fp64 top-2 similarity gap under which either index is accepted
-needs_triton = pytest.mark.skipif(not triton_available(), reason="triton not installed")
-
-
-@pytest.fixture(params=["torch", pytest.param("triton", marks=needs_triton)])
-def backend(request, monkeypatch):
-    """Force one backend through the environment switch (triton: the interpreter on CPU)."""
-    monkeypatch.setenv("DAR_FAST_BACKEND", request.param)
-    if request.param == "triton":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    return request.param
+from conftest import needs_triton  # noqa: E402
 
 
 @pytest.fixture
