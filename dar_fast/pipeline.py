@@ -280,9 +280,9 @@ class _GraphedDecode:
         t = ops.sample_tokens(c, u, cfg_scale=scale, temperature=temperature, top_k=top_k, top_p=top_p,
                               seeds=self.seeds, sample_ids=self.ids, positions=pos.expand(B))
         self.tokens.index_copy_(1, pos, t[:, None])
-        # the last position's logits would need slot N+1: clamp (its result is never used)
-        slot = (pos + 1).clamp(max=self.N - 1)
-        self.logits.copy_(self.ar_decode(torch.cat([t, t]) if self.guided else t, slot))
+        # token j goes to cache slot j+1 <= N (the cache holds N+1 slots); after the last token these
+        # logits are never read, and computing them keeps one graph for every position
+        self.logits.copy_(self.ar_decode(torch.cat([t, t]) if self.guided else t, pos + 1))
         pos.add_(1)
 
     @staticmethod
