@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from dar_fast.training import data as D
-from dar_fast.training.data import (ArraySource, digits_split, load_digits_arrays, make_loader, plan_crop,
-                                    apply_plan, split_global_batch)
+from dar_fast.training.data import (ArraySource, digits_split, load_digits_arrays, make_loader,
+                                    make_ordered_loader, plan_crop, apply_plan, split_global_batch)
 
 HAVE_DALI = D.dali_available()
 needs_dali = pytest.mark.skipif(not HAVE_DALI, reason=f"nvidia-dali not importable (pip install {D.DALI_PIP_PACKAGE})")
@@ -351,6 +351,142 @@ def test_webdataset_labels(tmp_path):
     assert src.classes == ["ape", "zebra"] and src.labels.tolist() == [1, 0]
     shard(tmp_path / "c.tar", [("1.jpg", img), ("2.jpg", img)])
     assert D.TarSource([str(tmp_path / "c.tar")]).labels.tolist() == [0, 0]
+
+
+# ------------------------------------------------------------------------------------------- one ordered pass
+
+def _pass(ld):
+    """Run one pass: (images, labels, indices) concatenated, and the batch sizes."""
+    batches = list(ld)
+    for x, y, i in batches:
+        assert x.dtype == torch.float32 and x.shape[1:] == (3, ld.image_size, ld.image_size), x.shape
+        assert y.dtype == torch.int64 and i.dtype == torch.int64 and len(y) == len(i) == len(x)
+        assert x.min() >= -1 and x.max() <= 1
+    if not batches:
+        return torch.zeros(0, 3, ld.image_size, ld.image_size), torch.zeros(0, dtype=torch.int64), [], []
+    x, y, i = (torch.cat(t) for t in zip(*batches))
+    return x, y, i.tolist(), [len(b[2]) for b in batches]
+
+
+@pytest.mark.parametrize("loader", FILE_LOADERS)
+def test_ordered_pass_two_ranks_cover_every_index_once(folder, loader):
+    """2 simulated ranks: contiguous blocks, increasing indices, each decodable index exactly once, batches of B
+    but the last, the corrupt file counted (and listed) by the rank that holds it; ADM centre crop, no
+    augmentation: torch equals the PIL reference exactly, DALI within resampling rounding."""
+    src = D.FolderSource(folder)
+    n, B = len(src), 5
+    bad = src.paths.index(os.path.join(folder, "bee", "zz_corrupt.jpg"))
+    seen, corrupt = [], []
+    for r in range(2):
+        ld = make_ordered_loader(folder, S, B, rank=r, world_size=2, loader=loader, num_workers=2)
+        assert ld.backend == loader and ld.num_samples == n == 23
+        lo, hi = D.shard_bounds(n, r, 2)
+        assert ld.indices.tolist() == list(range(lo, hi)), f"rank {r} block {ld.indices.tolist()} != [{lo}, {hi})"
+        x, y, idx, sizes = _pass(ld)
+        assert idx == sorted(set(idx)) and all(lo <= i < hi for i in idx), f"rank {r}: indices {idx}"
+        assert sizes[:-1] == [B] * (len(sizes) - 1) and 1 <= sizes[-1] <= B, f"rank {r}: batch sizes {sizes}"
+        assert ld.skipped == len(ld.corrupt) == (1 if lo <= bad < hi else 0)
+        assert sorted(idx + ld.corrupt) == list(range(lo, hi)), f"rank {r}: {idx} + corrupt {ld.corrupt}"
+        assert y.tolist() == src.labels[idx].tolist()
+        ref = torch.stack([torch.from_numpy(_center_crop_arr(src.load(i), S)).permute(2, 0, 1) for i in idx])
+        diff = (x - (ref.float() / 127.5 - 1)).abs() * 127.5
+        if loader == "torch":
+            assert diff.max() < 1e-3, f"torch ordered pass differs from the PIL reference by {diff.max():.3f} levels"
+        else:
+            per_image = diff.mean(dim=(1, 2, 3))
+            assert per_image.max() < 4, f"DALI image too far from its PIL reference: {per_image.tolist()}"
+        seen += idx
+        corrupt += ld.corrupt
+        assert len(list(ld)) == len(sizes) and ld.skipped == len(ld.corrupt)   # a second pass starts afresh
+    assert len(seen) == len(set(seen)) and sorted(seen + corrupt) == list(range(n))
+    assert corrupt == [bad]
+
+
+@pytest.mark.parametrize("loader", FILE_LOADERS)
+def test_ordered_pass_flip_mirrors_every_image(folder, loader):
+    x, y, idx, _ = _pass(make_ordered_loader(folder, 11, 4, loader=loader, num_workers=1))
+    xf, yf, idxf, _ = _pass(make_ordered_loader(folder, 11, 4, loader=loader, num_workers=1, flip=True))
+    assert idx == idxf and torch.equal(y, yf)
+    assert torch.equal(xf, x.flip(-1)), f"flip=True is not the mirror: max diff {(xf - x.flip(-1)).abs().max()}"
+
+
+@pytest.mark.parametrize("loader", FILE_LOADERS)
+def test_ordered_pass_corrupt_tail_and_truncated_body(tmp_path, loader):
+    """Unreadable files closing the pass (a last chunk with no readable image at all) and a JPEG whose header
+    parses but whose body is cut (DALI raises; the in-flight batches are decoded with PIL) are skipped and
+    listed; every other index comes once, in order."""
+    rng = np.random.default_rng(int(torch.randint(0, 2**31, ())))
+    root = tmp_path / "tail"
+    (root / "a").mkdir(parents=True)
+    for i in range(4):
+        w, h = (int(v) for v in rng.integers(17, 61, 2))
+        (root / "a" / f"{i}.jpg").write_bytes(_jpeg(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)))
+    (root / "a" / "x_bad.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(rng.integers(0, 256, 50, dtype=np.uint8)))
+    (root / "a" / "y_bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 7)
+    for B in (2, 3, 4, 7):                  # the bad pair fills the last chunk (B = 2, 4) or shares it
+        ld = make_ordered_loader(str(root), 13, B, loader=loader, num_workers=1)
+        _, _, idx, sizes = _pass(ld)
+        assert idx == [0, 1, 2, 3] and ld.corrupt == [4, 5] and ld.skipped == 2, (B, idx, ld.corrupt)
+        assert sizes == [min(B, 4 - k) for k in range(0, 4, B)], (B, sizes)
+    # a truncated JPEG in the middle, in a second class
+    (root / "b").mkdir()
+    for i in range(5):
+        w, h = (int(v) for v in rng.integers(17, 61, 2))
+        (root / "b" / f"{i}.jpg").write_bytes(_jpeg(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)))
+    full = _jpeg(rng.integers(0, 256, (45, 39, 3), dtype=np.uint8))
+    (root / "b" / "2_cut.jpg").write_bytes(full[:len(full) // 2])
+    src = D.FolderSource(str(root))
+    cut = src.paths.index(str(root / "b" / "2_cut.jpg"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ld = make_ordered_loader(str(root), 13, 3, loader=loader, num_workers=1)
+        x, y, idx, _ = _pass(ld)
+    if loader == "dali":
+        assert any("with PIL" in str(w.message) for w in caught), [str(w.message) for w in caught]
+    assert ld.corrupt == [4, 5, cut] and idx == [i for i in range(len(src)) if i not in (4, 5, cut)]
+    assert y.tolist() == src.labels[idx].tolist()
+
+
+def test_ordered_pass_memory_three_ranks():
+    """In-memory arrays: each image's pixels carry its index, so images, labels and indices must agree."""
+    n = int(torch.randint(30, 60, ()))
+    src = _indexed_arrays(n)
+    got = []
+    for r in range(3):
+        ld = make_ordered_loader(src, 8, 4, rank=r, world_size=3)
+        assert ld.backend == "memory"
+        x, y, idx, sizes = _pass(ld)
+        assert _decode_idx(x) == idx == list(range(*D.shard_bounds(n, r, 3)))
+        assert y.tolist() == [i % 5 for i in idx] and ld.skipped == 0
+        xf = _pass(make_ordered_loader(src, 8, 4, rank=r, world_size=3, flip=True))[0]
+        assert torch.equal(xf, x.flip(-1))
+        got += idx
+    assert got == list(range(n))
+    # not S x S: the PIL centre crop, as the torch loader does it
+    imgs = np.random.default_rng(n).integers(0, 256, (n, 23, 29, 3), dtype=np.uint8)
+    a = _pass(make_ordered_loader(ArraySource(imgs, np.zeros(n, np.int64)), 12, 5))
+    t = _pass(make_ordered_loader(ArraySource(imgs, np.zeros(n, np.int64)), 12, 5, loader="torch", num_workers=0))
+    assert torch.equal(a[0], t[0]) and a[2] == t[2] == list(range(n))
+    assert torch.equal(a[0][3], torch.from_numpy(_center_crop_arr(Image.fromarray(imgs[3]), 12)).permute(2, 0, 1)
+                       .float() / 127.5 - 1)
+
+
+def test_ordered_pass_more_ranks_than_images_and_errors(folder):
+    src = _indexed_arrays(3)
+    sizes = [len(make_ordered_loader(src, 8, 2, rank=r, world_size=5).indices) for r in range(5)]
+    assert sizes == [0, 1, 0, 1, 1] and list(make_ordered_loader(src, 8, 2, rank=0, world_size=5)) == []
+    with pytest.raises(ValueError, match="rank 2 is out of range"):
+        make_ordered_loader(folder, S, 2, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="unknown loader 'fast'"):
+        make_ordered_loader(folder, S, 2, loader="fast")
+    with pytest.raises(ValueError, match="batch_size"):
+        make_ordered_loader(folder, S, 0)
+    with pytest.raises(ValueError, match="loader='memory'"):
+        make_ordered_loader(folder, S, 2, loader="memory")
+    if HAVE_DALI:
+        with pytest.raises(ValueError, match="loader='memory'"):
+            make_ordered_loader(src, 8, 2, loader="dali")
+        assert make_ordered_loader(folder, S, 2).backend == "dali"
 
 
 # ------------------------------------------------------------------------------------------- the recipe itself

@@ -44,6 +44,18 @@ Backends.
   skipped by torch: only then do the two backends' orders differ.
 - "memory": arrays in this process (``ArraySource``, "digits"); no workers.
 
+One ordered pass (``make_ordered_loader``, for tokenizing a data set once): a finite iterator of
+
+    images  float32 (B, 3, S, S) in [-1, 1] on the requested device
+    labels  int64   (B,) on the requested device
+    indices int64   (B,) on the CPU: the data-set index of every row
+
+over this rank's contiguous block ``[r*N//W, (r+1)*N//W)`` of the data set, every index exactly once, in
+increasing order; the ADM centre crop with no random augmentation (``flip=True`` mirrors every image); batches
+are the next B decodable images (corrupt ones are skipped, counted in ``skipped`` and listed in ``corrupt``)
+and the last batch holds what is left. The same backends decode it, so the DALI pass differs from the torch
+(PIL) pass by resampling only, as above.
+
 Sources: an ImageFolder tree, webdataset ``.tar`` shards (a directory of them, one path, a brace pattern
 ``shard-{000..009}.tar`` or a list), an ``ArraySource``, or "digits" / "digits:train" / "digits:holdout"
 (scikit-learn's bundled digits, no network).
@@ -76,6 +88,7 @@ __all__ = [
     "load_digits_arrays", "digits_split",
     "split_global_batch", "epoch_permutation", "sample_uniforms", "CropPlan", "plan_crop", "apply_plan",
     "dali_available", "make_loader", "MemoryLoader", "TorchLoader", "DaliLoader",
+    "shard_bounds", "make_ordered_loader", "OrderedLoader",
 ]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".tif", ".tiff", ".webp")
@@ -814,7 +827,12 @@ def _dali_pipeline(stream, inflight, decoder, batch_size, num_threads, device, p
         """Next chunk: at least one readable sample (unreadable positions ride along, marked corrupt)."""
         keys, reads = [], []
         while not any(r is not None for r in reads):
-            new = next(stream)
+            try:
+                new = next(stream)
+            except StopIteration:        # a finite stream (the ordered pass) ends: DALI stops after the
+                if keys:                 # batches in flight; trailing unreadable positions ride along
+                    inflight.append((keys, reads))
+                raise
             keys += new
             reads += list(pool.map(lambda k: _host_read(decoder, k[0], k[2]), new))
             if len(keys) > bad_limit:
@@ -856,8 +874,9 @@ def _dali_to_torch(out, device: torch.device) -> torch.Tensor:
 
 
 def _dali_chunks(shard, decoder, batch_size, num_workers, device, bad_limit, where, epoch, j):
-    """Endless DALI chunks from (epoch, j); on a DALI error the batches in flight are decoded with PIL and a
-    fresh pipeline continues after them."""
+    """DALI chunks from (epoch, j), endless for ``_Sharding`` and until the stream ends for a finite one
+    (``_OrderedSharding``); on a DALI error the batches in flight are decoded with PIL and a fresh pipeline
+    continues after them."""
     pool = concurrent.futures.ThreadPoolExecutor(max(1, num_workers))
     ever_ok = False
     try:
@@ -867,7 +886,12 @@ def _dali_chunks(shard, decoder, batch_size, num_workers, device, bad_limit, whe
                                          max(1, num_workers), device, pool, bad_limit, where)
             try:
                 while True:
-                    (out,) = pipe.run()
+                    try:
+                        (out,) = pipe.run()
+                    except StopIteration:            # finite stream exhausted (StopIteration is an Exception)
+                        for keys, _ in inflight:     # only trailing positions without a readable image
+                            yield None, [(e, jj, i, -1) for e, jj, i in keys]
+                        return
                     keys, reads = inflight.popleft()
                     images = _dali_to_torch(out, device)
                     ever_ok = True
@@ -887,6 +911,8 @@ def _dali_chunks(shard, decoder, batch_size, num_workers, device, bad_limit, whe
             # Which in-flight batch failed is not reliably known with prefetching: decode all of them with PIL,
             # one by one, then go on with a fresh pipeline after the last of them.
             fallback = [decoder.__getitems__(keys) for keys, _ in inflight]
+            if device.type == "cuda":           # on the device like the DALI chunks: a batch may mix both
+                fallback = [(None if x is None else x.to(device), metas) for x, metas in fallback]
             n_bad = sum(r < 0 for _, metas in fallback for *_, r in metas)
             first_line = (str(failure).strip().splitlines() or [type(failure).__name__])[0][:200]
             if not ever_ok and n_bad == 0:     # not the data's fault: a broken DALI set-up must fail loudly
@@ -899,6 +925,176 @@ def _dali_chunks(shard, decoder, batch_size, num_workers, device, bad_limit, whe
             epoch, j = (epoch + 1, 0) if j + 1 == shard.per_rank else (epoch, j + 1)
     finally:
         pool.shutdown(wait=False)
+
+
+# ====================================================================================== one ordered pass
+
+def shard_bounds(n: int, rank: int, world_size: int) -> Tuple[int, int]:
+    """Rank ``rank``'s contiguous block ``[lo, hi)`` of ``n`` samples: ``lo = rank * n // world_size``."""
+    return rank * n // world_size, (rank + 1) * n // world_size
+
+
+class _OrderedSharding:
+    """The (epoch, j, idx) stream protocol of ``_Sharding`` for one pass over ``indices``: epoch 0 only, finite."""
+
+    def __init__(self, indices: np.ndarray):
+        self.indices = indices
+        self.per_rank = len(indices)
+
+    def index(self, epoch: int, j: int) -> int:
+        return int(self.indices[j])
+
+    def chunks(self, epoch: int, j: int, size: int):
+        """Lists of ``size`` consecutive (0, j, idx) from position j to the end (the last one shorter)."""
+        if epoch > 0:
+            return
+        for a in range(j, self.per_rank, size):
+            yield [(0, k, int(self.indices[k])) for k in range(a, min(a + size, self.per_rank))]
+
+
+class _OrderedDecoder(_Decoder):
+    """The deterministic ADM centre crop (no random draw); ``flip`` mirrors every image."""
+
+    def __init__(self, source, image_size, flip):
+        super().__init__(source, image_size, "center", bool(flip), 0)
+
+    def plan(self, w: int, h: int, epoch: int, idx: int) -> CropPlan:
+        return plan_crop(w, h, self.image_size, "center", self.flip, (0.5, 0.5, 0.5, 0.0))
+
+
+class OrderedLoader:
+    """One pass over this rank's block of the data set, in order (see the module docstring and
+    ``make_ordered_loader``). Iterating again starts a fresh pass. After a pass, ``skipped`` is the number of
+    undecodable images and ``corrupt`` their data-set indices (increasing); during a pass they may already
+    count images of batches not yet handed out."""
+
+    def __init__(self, source, image_size, batch_size, rank, world_size, backend, flip, device, num_workers):
+        self.source, self.backend = source, backend
+        self.image_size, self.batch_size = int(image_size), int(batch_size)
+        self.rank, self.world_size, self.flip = int(rank), int(world_size), bool(flip)
+        self.device = torch.device(device)
+        self.num_workers = int(num_workers)
+        self.num_samples = len(source)
+        self.classes = list(source.classes)
+        self.num_classes = len(self.classes)
+        lo, hi = shard_bounds(self.num_samples, self.rank, self.world_size)
+        self.indices = np.arange(lo, hi, dtype=np.int64)
+        self._labels = source.labels
+        self._decoder = _OrderedDecoder(source, self.image_size, self.flip)
+        self.skipped, self.corrupt = 0, []
+        if backend == "dali":
+            if not isinstance(source, _EncodedSource):
+                raise ValueError("loader='dali' decodes encoded image files; use loader='memory' for in-memory arrays")
+            if self.device.type == "cuda" and not torch.cuda.is_available():
+                raise RuntimeError(f"device {self.device} requested but CUDA is not available")
+
+    def __len__(self) -> int:
+        """Batches of a pass with no corrupt image (each corrupt one may remove a batch from the end)."""
+        return -(-len(self.indices) // self.batch_size)
+
+    def __iter__(self):
+        self.skipped, self.corrupt = 0, []
+        return self._batches()
+
+    def _where(self) -> str:
+        return getattr(self.source, "root", None) or getattr(self.source, "shards", [type(self.source).__name__])[0]
+
+    def _chunks(self) -> Iterable[Chunk]:
+        shard, B = _OrderedSharding(self.indices), self.batch_size
+        if self.backend == "dali":
+            return _dali_chunks(shard, self._decoder, B, self.num_workers, self.device,
+                                self.num_samples + shard.per_rank, self._where(), 0, 0)
+        if self.backend == "memory":
+            return _memory_ordered_chunks(self._decoder, shard, B)
+        ctx = "forkserver" if self.num_workers > 0 and len(_LIVE_DALI) else None     # see TorchLoader
+        return iter(torch.utils.data.DataLoader(
+            self._decoder, batch_sampler=list(shard.chunks(0, 0, B)), num_workers=self.num_workers,
+            collate_fn=_collate_chunk, multiprocessing_context=ctx, pin_memory=self.device.type == "cuda",
+            prefetch_factor=2 if self.num_workers > 0 else None))
+
+    def _batches(self):
+        B, nb = self.batch_size, self.device.type == "cuda"
+        if not len(self.indices):
+            return
+        imgs, idxs, have = [], [], 0          # decodable images not yet handed out, in order
+
+        def emit(k):
+            nonlocal imgs, idxs, have
+            x = imgs[0] if len(imgs) == 1 else torch.cat(imgs)
+            i = idxs[0] if len(idxs) == 1 else np.concatenate(idxs)
+            imgs, idxs, have = ([x[k:]], [i[k:]], have - k) if len(i) > k else ([], [], 0)
+            x, i = x[:k], i[:k]
+            images = x.to(self.device, non_blocking=nb).float().div_(127.5).sub_(1.0)   # uint8 -> [-1, 1]
+            labels = torch.from_numpy(self._labels[i]).to(self.device, non_blocking=nb)
+            return images, labels, torch.from_numpy(np.ascontiguousarray(i))
+
+        for images, metas in self._chunks():
+            good = np.fromiter((i for _, _, i, r in metas if r >= 0), np.int64)
+            bad = [i for _, _, i, r in metas if r < 0]
+            if bad:
+                self.skipped += len(bad)
+                self.corrupt.extend(bad)
+            if len(good):
+                if images is None or len(images) != len(good):
+                    raise RuntimeError(f"internal error: a chunk of {len(good)} decodable samples holds "
+                                       f"{0 if images is None else len(images)} images")
+                imgs.append(images)
+                idxs.append(good)
+                have += len(good)
+            while have >= B:
+                yield emit(B)
+        if have:
+            yield emit(have)                   # the last, partial batch
+
+
+def _memory_ordered_chunks(decoder: _Decoder, shard: _OrderedSharding, batch_size: int):
+    """ArraySource chunks: images already S x S are the identity crop (then gathered whole), else PIL."""
+    imgs, S = decoder.source.images, decoder.image_size
+    identity = imgs.shape[1:3] == (S, S)
+    for keys in shard.chunks(0, 0, batch_size):
+        if identity:
+            idx = np.fromiter((k[2] for k in keys), np.int64)
+            x = torch.from_numpy(imgs[idx]).permute(0, 3, 1, 2)
+            yield (x.flip(-1) if decoder.flip else x).contiguous(), [(e, j, i, r) for r, (e, j, i) in enumerate(keys)]
+        else:
+            yield decoder.__getitems__(keys)
+
+
+def make_ordered_loader(source: Source, image_size: int, batch_size: int, *, rank: int = 0, world_size: int = 1,
+                        loader: str = "auto", flip: bool = False, device: Union[str, torch.device] = "cpu",
+                        num_workers: int = 2) -> OrderedLoader:
+    """One ordered pass: an iterable of (images float32 (B,3,S,S) in [-1,1] on ``device``, labels int64 (B,) on
+    ``device``, data-set indices int64 (B,) on the CPU) over rank ``rank``'s contiguous block
+    (``shard_bounds``) of the data set, every index once and in increasing order.
+
+    ADM centre crop to ``image_size`` with no random augmentation; ``flip=True`` mirrors every image. A batch
+    is the next ``batch_size`` decodable images; the last batch holds the rest. Undecodable images are
+    skipped: ``loader.skipped`` counts them and ``loader.corrupt`` lists their indices once the pass is done.
+    ``loader``: "auto" (the memory loader for arrays, DALI if importable, else torch), "dali" (decodes on
+    the GPU, "mixed", when ``device`` is CUDA, else on the CPU), "torch" (PIL, the reference recipe) or
+    "memory". ``num_workers``: DataLoader workers (torch) or DALI threads."""
+    if loader not in LOADERS:
+        raise ValueError(f"unknown loader {loader!r}; choose one of {', '.join(LOADERS)}")
+    if int(image_size) != image_size or image_size <= 0:
+        raise ValueError(f"image_size must be a positive integer, got {image_size}")
+    if int(batch_size) != batch_size or batch_size <= 0:
+        raise ValueError(f"batch_size (per rank) must be a positive integer, got {batch_size}")
+    if int(world_size) != world_size or world_size <= 0:
+        raise ValueError(f"world_size must be a positive integer, got {world_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is out of range for world_size {world_size}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    if loader == "dali" and not dali_available():
+        raise ImportError(_DALI_HINT)
+    src = open_source(source)
+    if loader == "auto":
+        loader = "memory" if isinstance(src, ArraySource) else ("dali" if dali_available() else "torch")
+    if loader == "memory" and not isinstance(src, ArraySource):
+        raise ValueError("loader='memory' takes in-memory arrays (ArraySource or 'digits'); use 'torch' or 'dali' "
+                         "for files")
+    return OrderedLoader(src, int(image_size), int(batch_size), int(rank), int(world_size), loader, flip, device,
+                         0 if loader == "memory" else int(num_workers))
 
 
 # ====================================================================================== factory

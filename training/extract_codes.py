@@ -10,11 +10,14 @@ Output directory:
     meta.json    sizes, dtype, codebook, code range, the tokenizer's config, skipped count, data source. Written
                  last: a directory without it is unfinished.
 
-Images go through the ADM centre crop to the tokenizer's size (the reference PIL recipe of data.py) in data-set
-order; rank r of W encodes the contiguous block [r*M/W, (r+1)*M/W) and writes its rows into the shared
-``*.partial`` files that rank 0 created; after a barrier rank 0 renames them into place and writes meta.json
-(temp file + rename), so a crash never leaves a directory that looks finished. Codes are computed by
-``tok.encode`` in float32, so they equal it exactly.
+Images go through the ADM centre crop to the tokenizer's size in data-set order (``data.make_ordered_loader``);
+rank r of W encodes the contiguous block [r*M/W, (r+1)*M/W) and writes its rows into the shared ``*.partial``
+files that rank 0 created; after a barrier rank 0 renames them into place and writes meta.json (temp file +
+rename), so a crash never leaves a directory that looks finished. Codes are computed by ``tok.encode`` in
+float32 of the images the loader yields, so they equal it exactly. Which decoder made those images is in
+meta.json ("loader"): "torch" is the reference PIL recipe; "dali" (the default where nvidia-dali imports; on the
+GPU when the device is CUDA) resizes in one antialiased-cubic step, ~1 grey level away from PIL, so its codes are
+tok.encode of the DALI-preprocessed images; "memory" is in-memory arrays.
 """
 from __future__ import annotations
 
@@ -31,30 +34,6 @@ META_NAME = "meta.json"
 FORMAT = "dar-fast-codes/1"
 
 
-class _OrderedImages(torch.utils.data.Dataset):
-    """Picklable: (index, uint8 (S,S,3) image or zeros, ok) for the data-set indices given, centre-cropped."""
-
-    def __init__(self, source, image_size: int, indices: np.ndarray):
-        self.source, self.S, self.indices = source, int(image_size), indices
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, k):
-        from dar_fast.training.data import apply_plan, plan_crop
-        idx = int(self.indices[k])
-        S = self.S
-        imgs = getattr(self.source, "images", None)
-        if imgs is not None and imgs.shape[1:3] == (S, S):          # in-memory and already S x S: identity crop
-            return idx, torch.from_numpy(np.ascontiguousarray(imgs[idx])), True
-        try:
-            img = self.source.load(idx)
-            arr = apply_plan(img, plan_crop(img.size[0], img.size[1], S, "center", False, (0.5, 0.5, 0.5, 0.5)))
-            return idx, torch.from_numpy(np.array(arr)), True                   # own, writable copy
-        except Exception:                                           # corrupt image: counted, label -1
-            return idx, torch.zeros(S, S, 3, dtype=torch.uint8), False
-
-
 def code_dtype(codebook_size: int):
     return np.int16 if codebook_size <= 32768 else np.int32
 
@@ -64,7 +43,7 @@ def extract_codes(tokenizer, data, out: str, *, loader: str = "auto", flip: bool
                   quiet: bool = False) -> dict:
     """Encode every image of ``data`` with ``tokenizer`` (a path or a Tokenizer) into ``out``; returns meta."""
     from dar_fast.training import distributed as D
-    from dar_fast.training.data import LOADERS, ArraySource, open_source
+    from dar_fast.training.data import LOADERS, ArraySource, make_ordered_loader, open_source
     own_env = env is None
     if own_env:
         env = D.init_distributed(device)
@@ -100,9 +79,9 @@ def extract_codes(tokenizer, data, out: str, *, loader: str = "auto", flip: bool
             raise ValueError(str(e)) from e
         if loader == "memory" and not isinstance(source, ArraySource):
             raise ValueError("loader='memory' takes in-memory arrays ('digits'); use 'torch' or 'dali' for files")
-        if loader == "dali":
-            log.info("extract-codes: decoding with the reference PIL recipe in data-set order (the DALI pipeline "
-                     "streams in shuffled order); --loader dali only changes nothing here")
+        workers = 0 if isinstance(source, ArraySource) or num_workers <= 0 else int(num_workers)
+        ld = make_ordered_loader(source, H, batch_size, rank=env.rank, world_size=env.world_size, loader=loader,
+                                 device=env.device, num_workers=workers)
         M = len(source)
         A = 2 if flip else 1
         N = tok.num_tokens
@@ -116,35 +95,34 @@ def extract_codes(tokenizer, data, out: str, *, loader: str = "auto", flip: bool
             np.lib.format.open_memmap(codes_tmp, mode="w+", dtype=dtype, shape=(M, A, N)).flush()
             np.lib.format.open_memmap(labels_tmp, mode="w+", dtype=np.int64, shape=(M,)).flush()
         D.barrier(env)
-        lo, hi = env.rank * M // env.world_size, (env.rank + 1) * M // env.world_size
-        mine = np.arange(lo, hi)
+        mine = ld.indices                                   # this rank's block [r*M/W, (r+1)*M/W)
         codes_mm = np.load(codes_tmp, mmap_mode="r+")
         labels_mm = np.load(labels_tmp, mmap_mode="r+")
         all_labels = np.asarray(source.labels, dtype=np.int64)
-        workers = 0 if isinstance(source, ArraySource) or num_workers <= 0 else int(num_workers)
-        dl = torch.utils.data.DataLoader(_OrderedImages(source, H, mine), batch_size=batch_size, shuffle=False,
-                                         num_workers=workers, pin_memory=env.device.type == "cuda")
-        skipped, cmin, cmax = 0, None, None
+        if len(mine):
+            labels_mm[mine[0]:mine[-1] + 1] = -1            # until encoded: a row never reached reads as skipped
+        cmin, cmax = None, None
         t0 = time.perf_counter()
         done = 0
-        for idx, imgs, good in dl:
+        for x, _, idx in ld:                                # decodable images only, in data-set order
             idx = idx.numpy()
-            x = imgs.to(env.device).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)    # uint8 -> [-1, 1]
             with torch.no_grad():
                 c = [tok.encode(x)]
                 if flip:
                     c.append(tok.encode(x.flip(-1)))
             c = torch.stack(c, dim=1).cpu().numpy()                                      # (b, A, N)
-            g = good.numpy()
-            lab = np.where(g, all_labels[idx], -1)
-            skipped += int((~g).sum())
-            if g.any():
-                cg = c[g]
-                cmin = int(cg.min()) if cmin is None else min(cmin, int(cg.min()))
-                cmax = int(cg.max()) if cmax is None else max(cmax, int(cg.max()))
+            cmin = int(c.min()) if cmin is None else min(cmin, int(c.min()))
+            cmax = int(c.max()) if cmax is None else max(cmax, int(c.max()))
             codes_mm[idx] = c.astype(dtype)
-            labels_mm[idx] = lab
+            labels_mm[idx] = all_labels[idx]
             done += len(idx)
+        bad = np.asarray(ld.corrupt, dtype=np.int64)        # undecodable: label -1 (train-ar skips), codes 0
+        skipped = len(bad)
+        codes_mm[bad] = 0
+        labels_mm[bad] = -1
+        done += skipped
+        if done != len(mine):
+            raise RuntimeError(f"internal error: rank {env.rank} accounted for {done} of its {len(mine)} images")
         codes_mm.flush()
         labels_mm.flush()
         del codes_mm, labels_mm
@@ -161,15 +139,15 @@ def extract_codes(tokenizer, data, out: str, *, loader: str = "auto", flip: bool
                         code_min=min(mins) if mins else 0, code_max=max(maxs) if maxs else 0,
                         image_size=H, data=str(data) if isinstance(data, (str, os.PathLike)) else type(data).__name__,
                         tokenizer=tok_name, tokenizer_config=tok.cfg.to_dict(), world_size=env.world_size,
-                        seconds=max(s["s"] for s in stats))
+                        loader=ld.backend, seconds=max(s["s"] for s in stats))
             os.replace(codes_tmp, os.path.join(out, CODES_NAME))
             os.replace(labels_tmp, os.path.join(out, LABELS_NAME))
             tmp = os.path.join(out, META_NAME + ".tmp")
             with open(tmp, "w") as f:
                 json.dump(meta, f, indent=1)
             os.replace(tmp, os.path.join(out, META_NAME))
-            log.info(f"extract-codes: {M} images x {A} -> {out} ({N} tokens, {meta['dtype']}, "
-                     f"{M * A / max(meta['seconds'], 1e-9):.1f} img/s, {meta['skipped']} skipped)")
+            log.info(f"extract-codes: {M} images x {A} -> {out} ({ld.backend} loader, {N} tokens, "
+                     f"{meta['dtype']}, {M * A / max(meta['seconds'], 1e-9):.1f} img/s, {meta['skipped']} skipped)")
         meta = D.broadcast_object(meta, env)
         D.barrier(env)
         return meta
