@@ -235,43 +235,31 @@ _TOK_KEYS = {f.name for f in dataclasses.fields(TokenizerConfig)}
 _AR_KEYS = {f.name for f in dataclasses.fields(ARConfig)}
 
 
-def tokenizer_config(cfg) -> TokenizerConfig:
-    """Preset name, TokenizerConfig, dict (released format, optionally under "model"), or JSON/YAML path."""
-    if isinstance(cfg, TokenizerConfig):
+def _resolve(cfg, cls, presets: dict, keys: set, what: str, nested: str):
+    """Preset name, `cls` instance, dict (optionally under "model" or `nested`), or JSON/YAML path -> validated `cls`."""
+    if isinstance(cfg, cls):
         return cfg.validate()
     if isinstance(cfg, str):
-        if cfg in TOKENIZER_PRESETS:
-            return TOKENIZER_PRESETS[cfg]().validate()
-        if os.path.exists(cfg):
-            cfg = _read_config_file(cfg)
-        else:
-            raise ValueError(f"unknown tokenizer preset or config file {cfg!r}; presets: {sorted(TOKENIZER_PRESETS)}")
+        if cfg in presets:
+            return presets[cfg]().validate()
+        if not os.path.exists(cfg):
+            raise ValueError(f"unknown {what} preset or config file {cfg!r}; presets: {sorted(presets)}")
+        cfg = _read_config_file(cfg)
     cfg = _as_dict(cfg)
     if not isinstance(cfg, dict):
-        raise TypeError(f"tokenizer config must be a preset name, dict or path, got {type(cfg).__name__}")
-    if "model" in cfg and isinstance(cfg["model"], dict) and not (_TOK_KEYS & set(cfg) - {"model"}):
+        raise TypeError(f"{what} config must be a preset name, dict or path, got {type(cfg).__name__}")
+    if "model" in cfg and isinstance(cfg["model"], dict) and not (keys & set(cfg) - {"model"}):
         cfg = cfg["model"]
-    elif "tokenizer" in cfg and isinstance(cfg["tokenizer"], dict):
-        cfg = cfg["tokenizer"]
-    return _from_dict(TokenizerConfig, cfg, "tokenizer").validate()
+    elif nested in cfg and isinstance(cfg[nested], dict):
+        cfg = cfg[nested]
+    return _from_dict(cls, cfg, what).validate()
+
+
+def tokenizer_config(cfg) -> TokenizerConfig:
+    """Preset name, TokenizerConfig, dict (released format, optionally under "model"), or JSON/YAML path."""
+    return _resolve(cfg, TokenizerConfig, TOKENIZER_PRESETS, _TOK_KEYS, "tokenizer", "tokenizer")
 
 
 def ar_config(cfg) -> ARConfig:
     """Preset name, ARConfig, dict of the released keys (optionally under "model"), or JSON/YAML path."""
-    if isinstance(cfg, ARConfig):
-        return cfg.validate()
-    if isinstance(cfg, str):
-        if cfg in AR_PRESETS:
-            return AR_PRESETS[cfg]().validate()
-        if os.path.exists(cfg):
-            cfg = _read_config_file(cfg)
-        else:
-            raise ValueError(f"unknown AR preset or config file {cfg!r}; presets: {sorted(AR_PRESETS)}")
-    cfg = _as_dict(cfg)
-    if not isinstance(cfg, dict):
-        raise TypeError(f"AR config must be a preset name, dict or path, got {type(cfg).__name__}")
-    if "model" in cfg and isinstance(cfg["model"], dict) and not (_AR_KEYS & set(cfg) - {"model"}):
-        cfg = cfg["model"]
-    elif "ar" in cfg and isinstance(cfg["ar"], dict):
-        cfg = cfg["ar"]
-    return _from_dict(ARConfig, cfg, "AR").validate()
+    return _resolve(cfg, ARConfig, AR_PRESETS, _AR_KEYS, "AR", "ar")

@@ -1060,21 +1060,8 @@ def _memory_ordered_chunks(decoder: _Decoder, shard: _OrderedSharding, batch_siz
             yield decoder.__getitems__(keys)
 
 
-def make_ordered_loader(source: Source, image_size: int, batch_size: int, *, rank: int = 0, world_size: int = 1,
-                        loader: str = "auto", flip: bool = False, device: Union[str, torch.device] = "cpu",
-                        num_workers: int = 2) -> OrderedLoader:
-    """One ordered pass: an iterable of (images float32 (B,3,S,S) in [-1,1] on ``device``, labels int64 (B,) on
-    ``device``, data-set indices int64 (B,) on the CPU) over rank ``rank``'s contiguous block
-    (``shard_bounds``) of the data set, every index once and in increasing order.
-
-    ADM centre crop to ``image_size`` with no random augmentation; ``flip=True`` mirrors every image. A batch
-    is the next ``batch_size`` decodable images; the last batch holds the rest. Undecodable images are
-    skipped: ``loader.skipped`` counts them and ``loader.corrupt`` lists their indices once the pass is done.
-    ``loader``: "auto" (the memory loader for arrays, DALI if importable, else torch), "dali" (decodes on
-    the GPU, "mixed", when ``device`` is CUDA, else on the CPU), "torch" (PIL, the reference recipe) or
-    "memory". ``num_workers``: DataLoader workers (torch) or DALI threads."""
-    if loader not in LOADERS:
-        raise ValueError(f"unknown loader {loader!r}; choose one of {', '.join(LOADERS)}")
+def _open_checked(source, image_size, batch_size, rank, world_size, num_workers, loader):
+    """Validate the arguments shared by both factories; open the source; resolve loader="auto"."""
     if int(image_size) != image_size or image_size <= 0:
         raise ValueError(f"image_size must be a positive integer, got {image_size}")
     if int(batch_size) != batch_size or batch_size <= 0:
@@ -1093,6 +1080,25 @@ def make_ordered_loader(source: Source, image_size: int, batch_size: int, *, ran
     if loader == "memory" and not isinstance(src, ArraySource):
         raise ValueError("loader='memory' takes in-memory arrays (ArraySource or 'digits'); use 'torch' or 'dali' "
                          "for files")
+    return src, loader
+
+
+def make_ordered_loader(source: Source, image_size: int, batch_size: int, *, rank: int = 0, world_size: int = 1,
+                        loader: str = "auto", flip: bool = False, device: Union[str, torch.device] = "cpu",
+                        num_workers: int = 2) -> OrderedLoader:
+    """One ordered pass: an iterable of (images float32 (B,3,S,S) in [-1,1] on ``device``, labels int64 (B,) on
+    ``device``, data-set indices int64 (B,) on the CPU) over rank ``rank``'s contiguous block
+    (``shard_bounds``) of the data set, every index once and in increasing order.
+
+    ADM centre crop to ``image_size`` with no random augmentation; ``flip=True`` mirrors every image. A batch
+    is the next ``batch_size`` decodable images; the last batch holds the rest. Undecodable images are
+    skipped: ``loader.skipped`` counts them and ``loader.corrupt`` lists their indices once the pass is done.
+    ``loader``: "auto" (the memory loader for arrays, DALI if importable, else torch), "dali" (decodes on
+    the GPU, "mixed", when ``device`` is CUDA, else on the CPU), "torch" (PIL, the reference recipe) or
+    "memory". ``num_workers``: DataLoader workers (torch) or DALI threads."""
+    if loader not in LOADERS:
+        raise ValueError(f"unknown loader {loader!r}; choose one of {', '.join(LOADERS)}")
+    src, loader = _open_checked(source, image_size, batch_size, rank, world_size, num_workers, loader)
     return OrderedLoader(src, int(image_size), int(batch_size), int(rank), int(world_size), loader, flip, device,
                          0 if loader == "memory" else int(num_workers))
 
@@ -1113,24 +1119,7 @@ def make_loader(source: Source, image_size: int, batch_size: int, *, rank: int =
         raise ValueError(f"unknown loader {loader!r}; choose one of {', '.join(LOADERS)}")
     if augment not in AUGMENTS:
         raise ValueError(f"unknown augment {augment!r}; choose one of {', '.join(AUGMENTS)}")
-    if int(image_size) != image_size or image_size <= 0:
-        raise ValueError(f"image_size must be a positive integer, got {image_size}")
-    if int(batch_size) != batch_size or batch_size <= 0:
-        raise ValueError(f"batch_size (per rank) must be a positive integer, got {batch_size}")
-    if int(world_size) != world_size or world_size <= 0:
-        raise ValueError(f"world_size must be a positive integer, got {world_size}")
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is out of range for world_size {world_size}")
-    if num_workers < 0:
-        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-    if loader == "dali" and not dali_available():
-        raise ImportError(_DALI_HINT)
-    src = open_source(source)
-    if loader == "auto":
-        loader = "memory" if isinstance(src, ArraySource) else ("dali" if dali_available() else "torch")
-    if loader == "memory" and not isinstance(src, ArraySource):
-        raise ValueError("loader='memory' takes in-memory arrays (ArraySource or 'digits'); use 'torch' or 'dali' "
-                         "for files")
+    src, loader = _open_checked(source, image_size, batch_size, rank, world_size, num_workers, loader)
     cls = {"memory": MemoryLoader, "torch": TorchLoader, "dali": DaliLoader}[loader]
     return cls(src, int(image_size), int(batch_size), int(rank), int(world_size), int(seed), augment, flip,
                device, int(num_workers), drop_last)
