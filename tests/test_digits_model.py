@@ -1,0 +1,83 @@
+"""The embedded digits model: samples are recognised as their classes; the tokenizer reconstructs held-out digits.
+
+An independent classifier (scikit-learn's SVC on the original 8x8 digits) judges samples drawn at the
+model's default settings, after recovering 8x8 images by averaging 4x4 blocks of the grey value.
+"""
+import numpy as np
+import pytest
+import torch
+
+from dar_fast import ops
+from dar_fast.assets import DIGITS_DEFAULTS
+from dar_fast.pipeline import Pipeline
+
+PER_CLASS = 20
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return Pipeline.from_pretrained("digits", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    from sklearn.datasets import load_digits
+    from sklearn.svm import SVC
+    d = load_digits()
+    return SVC(gamma=0.001, C=10.0).fit(d.data, d.target)
+
+
+def to_8x8(images_uint8: torch.Tensor) -> np.ndarray:
+    """(B,32,32,3) uint8 -> (B,64) in the sklearn digits scale 0..16."""
+    grey = images_uint8.float().mean(-1)                                   # (B,32,32)
+    small = grey.view(-1, 8, 4, 8, 4).mean((2, 4))                          # (B,8,8)
+    return (small * 16.0 / 255.0).reshape(len(grey), 64).numpy()
+
+
+def test_classifier_is_sound(classifier):
+    """The judge itself: recognises the real digits after our 32x32 conversion and back."""
+    from dar_fast.training.data import load_digits_arrays
+    images, labels = load_digits_arrays()
+    acc = (classifier.predict(to_8x8(torch.as_tensor(images))) == labels).mean()
+    assert acc > 0.97, acc
+
+
+def test_samples_are_recognised_as_their_class(pipe, classifier):
+    labels = torch.arange(10).repeat_interleave(PER_CLASS)
+    out = pipe.sample(labels, cfg=DIGITS_DEFAULTS["cfg"], seed=1234)
+    assert out.images.shape == (10 * PER_CLASS, 32, 32, 3) and out.images.dtype == torch.uint8
+    pred = classifier.predict(to_8x8(out.images))
+    acc = (pred == labels.numpy()).mean()
+    per_class = [(pred[labels.numpy() == c] == c).mean() for c in range(10)]
+    print(f"digits accuracy {acc:.3f}, per class {np.round(per_class, 2).tolist()}")
+    assert acc >= 0.90, (acc, per_class)
+
+
+def test_tokenizer_reconstructs_held_out_digits(pipe, classifier):
+    from dar_fast.training.data import digits_split
+    _, (images, labels) = digits_split()                  # 10% never seen by tokenizer or AR training
+    x = torch.as_tensor(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    tok = pipe.tok
+    codes = tok.encode(x)
+    g = torch.Generator().manual_seed(0)
+    rec = tok.decode(codes, noise=torch.randn(x.shape, generator=g)).clamp(-1, 1)
+    mse = ((rec - x) ** 2).mean().item()                 # images in [-1, 1]
+    base = ((x - x.mean(0, keepdim=True)) ** 2).mean().item()   # predicting the mean digit
+    acc = (classifier.predict(to_8x8(ops.images_to_uint8(rec))) == labels).mean()
+    print(f"held-out reconstruction MSE {mse:.4f} (mean-image baseline {base:.4f}), recognised {acc:.3f}")
+    # measured on the shipped model: MSE 0.160, recognised 0.894. The decode draws a sample
+    # given the tokens (fresh noise), so it is not a least-squares estimate: bounds with a margin.
+    assert mse < 0.19 and mse < 0.7 * base, (mse, base)
+    assert acc >= 0.85, acc
+
+
+def test_cli_default_writes_grid_and_previews(tmp_path):
+    from PIL import Image
+
+    from dar_fast.cli import main
+    assert main(["sample", "--out", str(tmp_path), "--per-class", "2"]) == 0
+    grid = Image.open(tmp_path / "grid.png")
+    strips = Image.open(tmp_path / "previews.png")
+    assert grid.size[1] > grid.size[0] * 2        # 10 rows (one per class) of 2 images
+    assert strips.size[0] > strips.size[1] / 10   # one column per group
+    assert len(list(tmp_path.glob("sample_*.png"))) == 20
