@@ -254,7 +254,8 @@ class _GraphedDecode:
 
     def __init__(self, pipe: Pipeline, gen: _Generation):
         ar, dev, N = gen.ar, gen.tokens.device, gen.tok.num_tokens
-        self.B, self.guided, self.N = gen.B, gen.guided, N
+        self.ar_decode = ar.decode_one
+        self.B, self.guided = gen.B, gen.guided
         self.pos = torch.zeros(1, dtype=torch.int64, device=dev)           # position j being sampled
         self.logits = torch.zeros(gen.rows, ar.vocab_size, dtype=torch.float32, device=dev)
         self.tokens = torch.zeros(gen.B, N, dtype=torch.int64, device=dev)
@@ -291,9 +292,7 @@ class _GraphedDecode:
         g = pipe._graphs.get(key)
         if g is None:
             try:
-                g = _GraphedDecode.__new__(_GraphedDecode)
-                g.ar_decode = gen.ar.decode_one
-                g.__init__(pipe, gen)
+                g = _GraphedDecode(pipe, gen)
             except Exception as e:   # capture failures must cost speed, never results
                 warnings.warn(f"dar-fast: CUDA graph capture failed ({e}); running the decode step eagerly")
                 pipe.use_cuda_graphs = False
