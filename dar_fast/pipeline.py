@@ -61,6 +61,7 @@ class Pipeline:
         self.use_cuda_graphs = on_cuda and (use_cuda_graphs if use_cuda_graphs is not None else env != "0")
         self._graphs = {}
         self._graph_cache_ptr = None
+        self._graph_class = _GraphedDecode     # tests swap in an eager stand-in to check the buffer logic on CPU
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -263,6 +264,9 @@ class _GraphedDecode:
         self.ids = torch.zeros(gen.B, dtype=torch.int64, device=dev)
         self.scales = torch.ones(N, dtype=torch.float32, device=dev)
         self.settings = (gen.temperature, gen.top_k, gen.top_p)
+        self._capture()
+
+    def _capture(self):
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
@@ -272,6 +276,9 @@ class _GraphedDecode:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self._step()
+
+    def _replay(self):
+        self.graph.replay()
 
     def _step(self):
         B, pos = self.B, self.pos
@@ -292,7 +299,7 @@ class _GraphedDecode:
         g = pipe._graphs.get(key)
         if g is None:
             try:
-                g = _GraphedDecode(pipe, gen)
+                g = pipe._graph_class(pipe, gen)
             except Exception as e:   # capture failures must cost speed, never results
                 warnings.warn(f"dar-fast: CUDA graph capture failed ({e}); running the decode step eagerly")
                 pipe.use_cuda_graphs = False
@@ -309,7 +316,7 @@ class _GraphedDecode:
         self.tokens.copy_(gen.tokens)
         self.pos.fill_(start)
         for _ in range(start, end):
-            self.graph.replay()
+            self._replay()
         gen.tokens.copy_(self.tokens)
         gen.logits = self.logits.clone()
         return end
