@@ -20,6 +20,7 @@ any batch, on any device, up to float rounding of the pixels.
 from __future__ import annotations
 
 import os
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Iterator, Optional
@@ -153,7 +154,7 @@ class Pipeline:
         for g in range(K):
             gen.tokens_until((g + 1) * G)
             clock.lap("ar")
-            v = gen.velocity(g, x)                                            # (B,3,H,W) float32
+            v = gen.velocity(g, x, ts[g])                                     # (B,3,H,W) float32
             last = g == K - 1
             preview = None
             if previews or last:
@@ -174,7 +175,6 @@ class _Clock:
         self.t = 0.0
 
     def _now(self):
-        import time
         if self.cuda:
             torch.cuda.synchronize()
         return time.perf_counter()
@@ -241,11 +241,11 @@ class _Generation:
                 self.logits = self.ar.decode_one(torch.cat([t, t]) if self.guided else t, j + 1)
             self.next += 1
 
-    def velocity(self, g: int, x: torch.Tensor) -> torch.Tensor:
+    def velocity(self, g: int, x: torch.Tensor, t: float) -> torch.Tensor:
         tok = self.tok
         G = tok.group_size
         cond = tok.cond_incremental(self.tokens[:, g * G:(g + 1) * G], g * G, self.cond_cache)
-        t = torch.full((self.B,), tok.times()[g], device=x.device, dtype=torch.float32)
+        t = torch.full((self.B,), t, device=x.device, dtype=torch.float32)
         return tok.velocity(x.to(tok.dtype), t, cond).float()
 
 

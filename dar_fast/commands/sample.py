@@ -68,28 +68,22 @@ def run(args) -> int:
         raise ValueError("--batch-size must be >= 1")
     os.makedirs(args.out, exist_ok=True)
     want_previews = args.previews or default_model
-    images, strips = [], []
-    K = pipe.tok.num_groups
-    bar = tqdm(total=len(all_labels) * K, desc="sampling", unit="group-batch", disable=None)
+    groups = [[] for _ in range(pipe.tok.num_groups)]                      # previews per group, over batches
+    bar = tqdm(total=len(all_labels) * pipe.tok.num_groups, desc="sampling", unit="group-batch", disable=None)
     for b0 in range(0, len(all_labels), args.batch_size):
         lab = all_labels[b0:b0 + args.batch_size]
-        previews = []
         for step in pipe.stream(lab, cfg=cfg, seed=args.seed, temperature=args.temperature, top_k=args.top_k,
                                 top_p=args.top_p, sample_ids=list(range(b0, b0 + len(lab))), previews=want_previews):
-            previews.append(step.preview)
+            groups[step.group].append(step.preview)
             bar.update(len(lab))
-        images.append(previews[-1])
-        if want_previews:
-            strips.append(torch.stack(previews, 1))
     bar.close()
-    images = torch.cat(images)
+    images = torch.cat(groups[-1])                                        # the last preview is the image
     scale = max(1, 128 // images.shape[1])        # enlarge tiny images so a person can see them
     for i, (img, c) in enumerate(zip(images, all_labels)):
         save_png(img.numpy(), os.path.join(args.out, f"sample_{i:05d}_class{c}.png"))
     save_png(make_grid(images, nrow=per if per > 1 else min(8, len(all_labels)), scale=scale),
              os.path.join(args.out, "grid.png"))
     if want_previews:
-        st = torch.cat(strips)                                             # (B,K,H,W,3)
-        save_png(preview_strips(list(st.unbind(1)), scale=scale), os.path.join(args.out, "previews.png"))
+        save_png(preview_strips([torch.cat(g) for g in groups], scale=scale), os.path.join(args.out, "previews.png"))
     print(f"wrote {len(images)} images, grid.png" + (" and previews.png" if want_previews else "") + f" to {args.out}")
     return 0
