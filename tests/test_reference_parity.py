@@ -1,4 +1,4 @@
-"""Reproduce every tensor the released implementation computed (shared/reference), float32 on CPU."""
+"""Reproduce every tensor the released implementation computed (copied into tests/data/reference), float32 on CPU."""
 import json
 
 import pytest
