@@ -57,6 +57,8 @@ class TokenizerConfig:
     queries_per_step: int = 32
     vq_enable: bool = True
     sampling_resolution: Union[int, Tuple[int, int], None] = 256   # image size (H, W) or one int; released v1: 256
+    # released: after a decode, if a side exceeds R, bicubic resize to R x R (0: never)
+    output_resolution: int = 0
     diff_decoder: DiffDecoderConfig = field(default_factory=DiffDecoderConfig)
     # ours
     head_dim: int = 64
@@ -80,9 +82,8 @@ class TokenizerConfig:
         if self.num_all_queries != self.num_query_groups * self.queries_per_step:
             raise ValueError(f"tokenizer config: num_all_queries={self.num_all_queries} != num_query_groups "
                              f"({self.num_query_groups}) x queries_per_step ({self.queries_per_step})")
-        if self.num_denoising_steps != self.num_query_groups:
-            raise ValueError(f"tokenizer config: num_denoising_steps ({self.num_denoising_steps}) must equal "
-                             f"num_query_groups ({self.num_query_groups}): step i is conditioned on group i")
+        if self.num_denoising_steps < 1:
+            raise ValueError(f"tokenizer config: num_denoising_steps must be >= 1, got {self.num_denoising_steps}")
         if self.num_all_queries > self.query_table_size:
             self.query_table_size = self.num_all_queries
         H, W = self.image_size

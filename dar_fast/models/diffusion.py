@@ -129,9 +129,34 @@ def time_shift(u, shift: float):
 
 
 def sampling_times(num_steps: int, shift: float) -> list:
-    """[t_0 .. t_K]: t_i = s(i/K), t_K = s(1) = 1, in float32 as the released code computes them."""
-    u = torch.cat([torch.arange(num_steps, dtype=torch.float32) / num_steps, torch.ones(1)])
+    """[t_0 .. t_S]: t_i = s(i/S), t_S = s(1) = 1.
+
+    Exactly as released: u_i = i/S as Python (float64) numbers, then one float32
+    tensor, then the shift in float32 (a float32 division i/S could differ by an ulp)."""
+    u = torch.tensor([i / num_steps for i in range(num_steps)] + [1.0], dtype=torch.float32)
     return time_shift(u, shift).tolist()
+
+
+def step_groups(num_steps: int, num_groups: int) -> list:
+    """Token group read by each of S diffusion steps: g_i = min(floor(i*K/S + 1/2), K-1), exact integers.
+
+    S < K skips groups (K=8, S=4: 0,2,4,6); S > K reads some twice (K=4, S=8: 0,1,1,2,2,3,3,3).
+    floor(i*K/S + 1/2) == (2iK + S) // (2S). The released code computes it in float64 and can
+    land one group lower where i*K/S + 1/2 is an integer (K=11, S=22, i=15: 7 instead of 8);
+    `step_query_starts` reproduces what it then reads. A step never needs a later group than
+    this one, so a streaming engine that waits for group g_i is always safe."""
+    S, K = int(num_steps), int(num_groups)
+    return [min((2 * i * K + S) // (2 * S), K - 1) for i in range(S)]
+
+
+def step_query_starts(num_steps: int, num_groups: int, num_queries: int, group_size: int) -> list:
+    """First condition token read by each step, computed as the released decoder does (float64).
+
+    start_i = min(N - G, int(floor(i/S*K + 0.5) / K * N)). With N = K*G this is g_i*G except
+    where float rounding lowers it (K=10, G=9, group 7: 62, not 63; K=11, 15 likewise; never for
+    K <= 9 or K a power of two); the released code then reads the G tokens from there."""
+    S, K, N, G = int(num_steps), int(num_groups), int(num_queries), int(group_size)
+    return [min(N - G, int(math.floor(i / S * K + 0.5) / K * N)) for i in range(S)]
 
 
 def training_group(u: torch.Tensor, num_groups: int) -> torch.Tensor:

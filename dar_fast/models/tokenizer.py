@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from dar_fast import ops
 from dar_fast.config import TokenizerConfig
-from dar_fast.models.diffusion import DiffusionNet, sampling_times
+from dar_fast.models.diffusion import DiffusionNet, sampling_times, step_groups, step_query_starts
 from dar_fast.models.layers import GatedBlock, layer_norm
 
 
@@ -93,8 +93,27 @@ class Tokenizer(nn.Module):
     def dtype(self):
         return self.patchify.weight.dtype
 
-    def times(self) -> list:
-        return sampling_times(self.cfg.num_denoising_steps, self.cfg.diff_decoder.time_shift)
+    def times(self, steps: Optional[int] = None) -> list:
+        """The S+1 shifted times t_0..t_S (t_S = 1) of an S-step decode (default: the config's steps)."""
+        return self.schedule(steps)[0]
+
+    def check_steps(self, steps: Optional[int]) -> int:
+        S = self.cfg.num_denoising_steps if steps is None else steps
+        if isinstance(S, bool) or not isinstance(S, int) or S < 1:
+            raise ValueError(f"steps must be a positive integer (diffusion steps), got {steps!r}")
+        return S
+
+    def schedule(self, steps: Optional[int] = None):
+        """(times, groups) of an S-step decode: times t_0..t_S (S+1 floats, t_S = 1.0, shifted as
+        released); groups[i] = min(floor(i*K/S + 1/2), K-1), the token group step i reads."""
+        S = self.check_steps(steps)
+        return sampling_times(S, self.cfg.diff_decoder.time_shift), step_groups(S, self.num_groups)
+
+    def query_starts(self, steps: Optional[int] = None) -> list:
+        """First condition token step i reads (it reads G tokens from there), as the released code
+        computes it: groups[i]*G except for rare float roundings (see `step_query_starts`)."""
+        S = self.check_steps(steps)
+        return step_query_starts(S, self.num_groups, self.num_tokens, self.group_size)
 
     # ------------------------------------------------------------------ checks
     def check_images(self, images: torch.Tensor):
@@ -190,47 +209,99 @@ class Tokenizer(nn.Module):
         return self.cond_from_vectors(self.code_vectors(codes.long()))
 
     def velocity(self, x: torch.Tensor, t, cond_group: torch.Tensor) -> torch.Tensor:
+        """v(x_t, t, group): the network in the weights' dtype; the result in x's dtype (float32 ODEs)."""
         B = x.shape[0]
         if not torch.is_tensor(t):
             t = torch.full((B,), float(t), device=x.device, dtype=torch.float32)
-        return self.net(x, t, cond_group)
+        return self.net(x.to(self.dtype), t, cond_group.to(self.dtype)).to(x.dtype)
 
     def group(self, cond: torch.Tensor, i: int) -> torch.Tensor:
         G = self.group_size
         return cond[:, i * G:(i + 1) * G]
 
-    def initial_noise(self, batch: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        H, W = self.image_size
-        return torch.randn(batch, 3, H, W, generator=generator).to(self.device, self.dtype)
+    def decode_size(self, size=None):
+        """(H, W) of a decode: `sampling_resolution` by default; an asked size is raised to at
+        least `sampling_resolution` per side, as the released `decode_code` does."""
+        H0, W0 = self.image_size
+        if size is None:
+            return H0, W0
+        H, W = (size, size) if isinstance(size, int) else tuple(size)
+        H, W = max(H0, int(H)), max(W0, int(W))
+        p = self.cfg.diff_decoder.patch_size
+        if H % p or W % p:
+            raise ValueError(f"decode size {H}x{W} is not divisible by the diffusion patch size {p}")
+        return H, W
+
+    def initial_noise(self, batch: int, generator: Optional[torch.Generator] = None, size=None) -> torch.Tensor:
+        H, W = self.decode_size(size)
+        return torch.randn(batch, 3, H, W, generator=generator).to(self.device, torch.float32)
+
+    def resize_output(self, images: torch.Tensor) -> torch.Tensor:
+        """The released `output_resolution` R: if either side exceeds R, a bicubic resize
+        (align_corners False, no antialias) to R x R; otherwise the images unchanged."""
+        R = self.cfg.output_resolution
+        if R and (images.shape[-2] > R or images.shape[-1] > R):
+            return F.interpolate(images, size=(R, R), mode="bicubic", align_corners=False)
+        return images
+
+    def check_noise(self, noise: torch.Tensor, batch: int):
+        p = self.cfg.diff_decoder.patch_size
+        if not torch.is_tensor(noise) or noise.dim() != 4 or noise.shape[0] != batch or noise.shape[1] != 3 \
+                or noise.shape[2] % p or noise.shape[3] % p:
+            got = tuple(noise.shape) if torch.is_tensor(noise) else type(noise).__name__
+            raise ValueError(f"noise must be a ({batch},3,H,W) tensor with H and W divisible by the diffusion "
+                             f"patch size {p}, got {got}")
 
     @torch.no_grad()
-    def decode(self, codes: torch.Tensor, noise: Optional[torch.Tensor] = None, groups: Optional[int] = None,
-               generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """(B,N) codes -> (B,3,H,W) float image (x / data_std, not clamped).
+    def decode(self, codes: torch.Tensor, noise: Optional[torch.Tensor] = None, steps: Optional[int] = None,
+               solver: str = "adams2", clip_steps: Optional[int] = None, groups: Optional[int] = None,
+               generator: Optional[torch.Generator] = None, size=None) -> torch.Tensor:
+        """(B,N) codes -> (B,3,H,W) float32 image (x / data_std, not clamped), as the released `decode_code`.
 
-        groups=k returns the preview after k groups (released clip_steps=k): the
-        first k-1 steps as usual, then step k-1 jumps straight to t = 1.
+        steps: diffusion steps S (default: the config's num_denoising_steps); step i runs at
+            t = s(i/S) and reads group min(floor(i*K/S + 1/2), K-1).
+        solver: "adams2" (Euler first, then x += dt*(1.5 v - 0.5 v_prev)) or "euler".
+        clip_steps=c: the released preview, the first c steps with the last going straight to t = 1
+            (c >= S: the full decode). groups=k (only when S == K) is the same as clip_steps=k.
+        noise: (B,3,H,W) initial noise; the decode runs at its size. Without it, noise is drawn
+            (from `generator`) at `size` (default sampling_resolution; an asked size is at least that).
+        The ODE is integrated in float32 whatever the weights' dtype (the network runs in the weights'
+        dtype). Afterwards `output_resolution` applies (`resize_output`).
         """
         self.check_codes(codes, full=True)
+        S = self.check_steps(steps)
         K = self.num_groups
-        k = K if groups is None else int(groups)
-        if not 1 <= k <= K:
-            raise ValueError(f"groups must be in [1, {K}], got {groups}")
+        if solver not in ("adams2", "euler"):
+            raise ValueError(f"solver must be 'adams2' or 'euler', got {solver!r}")
+        if groups is not None:
+            if clip_steps is not None:
+                raise ValueError("give clip_steps or groups, not both")
+            if S != K:
+                raise ValueError(f"groups= counts groups and needs steps == num_query_groups ({K}); with "
+                                 f"steps={S} use clip_steps (it counts steps)")
+            if isinstance(groups, bool) or not isinstance(groups, int) or not 1 <= groups <= K:
+                raise ValueError(f"groups must be in [1, {K}], got {groups!r}")
+            clip_steps = groups
+        if clip_steps is not None and (isinstance(clip_steps, bool) or not isinstance(clip_steps, int) or clip_steps < 1):
+            raise ValueError(f"clip_steps must be a positive integer, got {clip_steps!r}")
         B = codes.shape[0]
         if noise is None:
-            noise = self.initial_noise(B, generator)
-        H, W = self.image_size
-        if tuple(noise.shape) != (B, 3, H, W):
-            raise ValueError(f"noise must have shape {(B, 3, H, W)}, got {tuple(noise.shape)}")
+            noise = self.initial_noise(B, generator, size)
+        else:
+            self.check_noise(noise, B)
+        n = S if clip_steps is None else min(S, clip_steps)
+        ts, _ = self.schedule(S)
+        starts = self.query_starts(S)
+        G = self.group_size
         cond = self.cond(codes)
-        ts = self.times()
-        x, v_prev = noise.to(self.device, self.dtype), None
-        for i in range(k):
-            v = self.velocity(x, ts[i], self.group(cond, i))
-            t_next = ts[i + 1] if i < k - 1 else 1.0
-            x = ops.flow_step(x, v, v_prev, ts[i], t_next)
+        x, v_prev = noise.to(self.device, torch.float32), None
+        for i in range(n):
+            v = self.velocity(x, ts[i], cond[:, starts[i]:starts[i] + G])
+            t_next = ts[i + 1] if i < n - 1 else 1.0          # the last step of a preview goes to t = 1
+            x = ops.flow_step(x, v, v_prev if solver == "adams2" else None, ts[i], t_next)
             v_prev = v
-        return x / self.cfg.diff_decoder.data_std
+        # released: x * (1 / data_std), a multiplication by the rounded reciprocal
+        return self.resize_output(x * (1.0 / self.cfg.diff_decoder.data_std))
 
     def num_params(self, include_repa: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
