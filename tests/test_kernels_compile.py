@@ -84,3 +84,21 @@ def test_flow_step_compiles(mode, tptr, prev):
                               div16=("x_ptr", "v_ptr", "vp_ptr", "out_ptr", "S"))
     assert cubin and "div.full" not in ptx
     assert os.environ.get("TRITON_INTERPRET", "0") != "1"
+
+
+@pytest.mark.parametrize("dtype,res", [("bf16", True), ("fp32", False)])
+def test_rms_norm_compiles(dtype, res):
+    from dar_fast.kernels import rms_norm as rn
+    fwd, bwd = rn._kernels(False)
+    ptx, cubin = compile_sm90(fwd, dict(x_ptr=f"*{dtype}", r_ptr=f"*{dtype}", w_ptr=f"*{dtype}", y_ptr=f"*{dtype}",
+                                        h_ptr=f"*{dtype}", rstd_ptr="*fp32", C="i32", sx="i32", sr="i32", sy="i32",
+                                        sh="i32", eps="fp32"),
+                              dict(HAS_RES=res, BLOCK_C=1024),
+                              div16=("x_ptr", "r_ptr", "w_ptr", "y_ptr", "h_ptr", "C", "sx", "sr", "sy", "sh"))
+    assert cubin and "div.full" not in ptx and "rsqrt.approx" not in ptx and "sqrt.approx" not in ptx
+    assert re.search(r"ld\.global(\.nc)?\.v[24]", ptx)                      # rows read with vector loads
+    ptx, cubin = compile_sm90(bwd, dict(h_ptr=f"*{dtype}", gy_ptr=f"*{dtype}", gh_ptr=f"*{dtype}", w_ptr=f"*{dtype}",
+                                        rstd_ptr="*fp32", dx_ptr=f"*{dtype}", dw_ptr="*fp32", M="i32", C="i32",
+                                        rows_per_prog="i32"), dict(HAS_GH=res, BLOCK_C=1024),
+                              div16=("h_ptr", "gy_ptr", "gh_ptr", "w_ptr", "dx_ptr", "dw_ptr", "C"))
+    assert cubin and "div.full" not in ptx
