@@ -102,3 +102,17 @@ def test_rms_norm_compiles(dtype, res):
                                         rows_per_prog="i32"), dict(HAS_GH=res, BLOCK_C=1024),
                               div16=("h_ptr", "gy_ptr", "gh_ptr", "w_ptr", "dx_ptr", "dw_ptr", "C"))
     assert cubin and "div.full" not in ptx
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_swiglu_compiles(dtype):
+    from dar_fast.kernels import swiglu as sm
+    fwd, bwd = sm._kernels(False)
+    ptx, cubin = compile_sm90(fwd, dict(x_ptr=f"*{dtype}", y_ptr=f"*{dtype}", H="i32", sx="i32", sy="i32"),
+                              dict(BLOCK=1024), div16=("x_ptr", "y_ptr", "H", "sx", "sy"))
+    assert cubin and "div.full" not in ptx
+    assert re.search(r"ld\.global(\.nc)?\.v[24]", ptx)
+    ptx, cubin = compile_sm90(bwd, dict(x_ptr=f"*{dtype}", g_ptr=f"*{dtype}", dx_ptr=f"*{dtype}", H="i32", sx="i32",
+                                        sg="i32", sdx="i32"), dict(BLOCK=1024),
+                              div16=("x_ptr", "g_ptr", "dx_ptr", "H", "sx", "sg", "sdx"))
+    assert cubin and "div.full" not in ptx
