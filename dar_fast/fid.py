@@ -5,28 +5,29 @@ key (seed, i), so every sample is a function of its index alone: the same `.npz`
 processes and of any batch size (tokens identical; pixels up to float rounding).
 
 Work is cut into shards of --batch-size consecutive indices; rank r of W takes shards r, r+W, ...
-Each finished shard is written atomically (temporary file + rename) into <out>.shards/; a rerun skips
-finished shards, so a crash loses at most one batch per rank. A manifest pins the settings: a resume with
-other settings is refused. Rank 0 then streams the shards into the ADM-compatible `.npz`
-(`arr_0` uint8 (N,H,W,3), `arr_1` int64 labels) without holding all images in memory.
+(`dar_fast.shards`): each shard is written atomically into <out>.shards/ with its index range, shapes, dtypes
+and checksum; a rerun verifies and skips finished shards (a failing one is regenerated, with a line saying
+so), so a crash loses at most one batch per rank. Rank 0 then verifies every shard, streams them into the
+ADM-compatible `.npz` (`arr_0` uint8 (N,H,W,3), `arr_1` int64 labels) without holding all images in memory,
+re-reads that file before it replaces anything, and writes the manifest `<out minus .npz>.json` (settings,
+SHA-256 of both checkpoints, versions, date) beside it. A rerun with the same settings does nothing; one with
+other settings is refused unless --overwrite. `<out>.lock` keeps two runs from writing the same output.
 
     dar-fast fid --tokenizer TOK --ar AR --num-samples 50000 --batch-size 64 --cfg 1.1,10 --seed 0 --out samples.npz
     torchrun --nproc_per_node=8 -m dar_fast.cli fid ...same arguments...
 """
 from __future__ import annotations
 
-import glob
-import hashlib
-import json
 import os
+import sys
 import time
-import zipfile
 
 import numpy as np
 import torch
 
-from dar_fast.eval.npz import save_npz_atomic
-from dar_fast.io import atomic_write, write_json_atomic
+from dar_fast.errors import UsageError
+from dar_fast.io import file_sha256
+from dar_fast.shards import ShardedOutput, manifest_path
 
 
 def register(sub):
@@ -48,13 +49,18 @@ def register(sub):
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     p.add_argument("--keep-shards", action="store_true", help="keep <out>.shards/ after assembling")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a finished --out (or discard unfinished shards) made with other settings")
     p.set_defaults(func=run)
 
 
 def _parse_cfg(s):
-    parts = [float(x) for x in str(s).split(",")]
+    try:
+        parts = [float(x) for x in str(s).split(",")]
+    except ValueError:
+        raise UsageError(f"--cfg takes a number or start,end (e.g. 1.1,10); got {s!r}") from None
     if len(parts) not in (1, 2):
-        raise ValueError(f"--cfg takes a scale or start,end; got {s!r}")
+        raise UsageError(f"--cfg takes a scale or start,end; got {s!r}")
     return parts[0] if len(parts) == 1 else tuple(parts)
 
 
@@ -66,53 +72,62 @@ def class_of(i: int, seed: int, num_classes: int, random_classes: bool) -> int:
     return int(torch.randint(num_classes, (1,), generator=g))
 
 
-def _file_digest(path) -> str:
-    """Cheap identity of a checkpoint: size + hash of the first and last MiB."""
+def model_identity(path) -> str:
+    """Identity of a checkpoint for the manifest: SHA-256 of its whole content (cached by size + mtime, see
+    `dar_fast.io.file_sha256`), so a resumed run never mixes two models that differ anywhere in the file."""
     if path is None:
-        return "digits"
-    st = os.stat(path)
-    h = hashlib.sha1(str(st.st_size).encode())
-    with open(path, "rb") as f:
-        h.update(f.read(1 << 20))
-        f.seek(max(0, st.st_size - (1 << 20)))
-        h.update(f.read(1 << 20))
-    return h.hexdigest()
+        from dar_fast.assets import digits_paths
+        return "digits:" + ",".join(file_sha256(p)[:16] for p in digits_paths())
+    return file_sha256(path)
 
 
 def _dist():
-    """(rank, world, barrier) from torchrun's environment; a plain run is rank 0 of 1."""
+    """(rank, world, barrier, shutdown, broadcast-from-rank-0) from torchrun's environment; a plain run is rank 0 of 1."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if world == 1:
-        return 0, 1, lambda: None, lambda: None
+        return 0, 1, lambda: None, lambda: None, lambda obj: obj
     import torch.distributed as dist
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    return rank, world, dist.barrier, dist.destroy_process_group
+
+    def broadcast(obj):
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return rank, world, dist.barrier, dist.destroy_process_group, broadcast
 
 
-def _write_npy_member(zf: zipfile.ZipFile, name: str, shape, dtype, chunks):
-    """Stream a .npy member into an open zip without materialising the whole array."""
-    with zf.open(name + ".npy", "w", force_zip64=True) as f:
-        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": tuple(shape)}
-        np.lib.format.write_array_header_2_0(f, header)
-        for c in chunks:
-            f.write(np.ascontiguousarray(c, dtype=dtype).tobytes())
+def _shard_arrays(pipe, so: ShardedOutput, k: int, args, cfg, C: int) -> dict:
+    start, stop = so.index_range(k)
+    idx = list(range(start, stop))
+    labels = [class_of(i, args.seed, C, args.random_classes) for i in idx]
+    out = pipe.sample(labels, cfg=cfg, seed=[args.seed] * len(idx), sample_ids=idx, temperature=args.temperature,
+                      top_k=args.top_k, top_p=args.top_p)
+    return dict(images=out.images.numpy(), labels=np.asarray(labels, dtype=np.int64))
 
 
-def assemble(shard_paths, out: str, num: int):
-    """Shards (ordered) -> ADM `.npz` with arr_0 (N,H,W,3) uint8 and arr_1 (N,) labels, atomically."""
-    first = np.load(shard_paths[0])
-    H, W, C = first["images"].shape[1:]
-
-    def write(f):
-        with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-            _write_npy_member(zf, "arr_0", (num, H, W, C), np.uint8, (np.load(p)["images"] for p in shard_paths))
-            _write_npy_member(zf, "arr_1", (num,), np.int64, (np.load(p)["labels"] for p in shard_paths))
-    atomic_write(out, write)
+def _check_args(args):
+    from dar_fast.sampler import check_sampling_args
+    from dar_fast.seeding import check_seed
+    if not args.out.endswith(".npz"):
+        raise UsageError(f"--out must end in .npz, got {args.out}")
+    if args.num_samples < 1 or args.batch_size < 1:
+        raise UsageError("--num-samples and --batch-size must be >= 1")
+    if (args.tokenizer is None) != (args.ar is None):
+        raise UsageError("give both --tokenizer and --ar, or neither for the embedded digits model")
+    cfg = _parse_cfg(args.cfg)
+    check_sampling_args(cfg=cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    check_seed(args.seed, "--seed")
+    parent = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(parent):
+        raise UsageError(f"--out: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"--out: directory {parent} is not writable")
+    return cfg
 
 
 def run(args) -> int:
@@ -120,14 +135,8 @@ def run(args) -> int:
 
     from dar_fast.pipeline import Pipeline
 
-    if not args.out.endswith(".npz"):
-        raise ValueError(f"--out must end in .npz, got {args.out}")
-    if args.num_samples < 1 or args.batch_size < 1:
-        raise ValueError("--num-samples and --batch-size must be >= 1")
-    if (args.tokenizer is None) != (args.ar is None):
-        raise ValueError("give both --tokenizer and --ar, or neither for the embedded digits model")
-    cfg = _parse_cfg(args.cfg)
-    rank, world, barrier, shutdown = _dist()
+    cfg = _check_args(args)
+    rank, world, barrier, shutdown, broadcast = _dist()
     dtype = getattr(torch, args.dtype) if args.dtype else None
     device = args.device or (f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
     if args.tokenizer is None:
@@ -136,52 +145,50 @@ def run(args) -> int:
         pipe = Pipeline.from_pretrained(args.tokenizer, args.ar, device=device, dtype=dtype,
                                         tokenizer_config=args.tokenizer_config, ar_config=args.ar_config)
     C, N, B = pipe.num_classes, args.num_samples, args.batch_size
-    shard_dir = args.out + ".shards"
+    H, W = pipe.tok.image_size
     settings = dict(num_samples=N, batch_size=B, cfg=cfg if isinstance(cfg, float) else list(cfg),
                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                    random_classes=args.random_classes, tokenizer=_file_digest(args.tokenizer),
-                    ar=_file_digest(args.ar), dtype=str(pipe.ar.dtype), image_size=list(pipe.tok.image_size))
-    manifest = os.path.join(shard_dir, "manifest.json")
-    if rank == 0:
-        os.makedirs(shard_dir, exist_ok=True)
-        if os.path.exists(manifest):
-            old = json.load(open(manifest))
-            if old != settings:
-                diff = {k: (old.get(k), settings.get(k)) for k in set(old) | set(settings) if old.get(k) != settings.get(k)}
-                raise ValueError(f"{shard_dir} holds shards made with other settings {diff} (on disk, now); "
-                                 "use another --out or delete that directory")
-        else:
-            write_json_atomic(manifest, settings)
-    barrier()
-    num_shards = (N + B - 1) // B
-    mine = [k for k in range(rank, num_shards, world)]
-    todo = [k for k in mine if not os.path.exists(os.path.join(shard_dir, f"shard_{k:06d}.npz"))]
-    bar = tqdm(total=len(mine) * B, initial=(len(mine) - len(todo)) * B, unit="img", disable=rank != 0 or None,
-               desc=f"fid samples (rank 0 of {world})")
-    t0, done = time.time(), 0
-    for k in todo:
-        idx = list(range(k * B, min(N, (k + 1) * B)))
-        labels = [class_of(i, args.seed, C, args.random_classes) for i in idx]
-        out = pipe.sample(labels, cfg=cfg, seed=[args.seed] * len(idx), sample_ids=idx, temperature=args.temperature,
-                          top_k=args.top_k, top_p=args.top_p)
-        save_npz_atomic(os.path.join(shard_dir, f"shard_{k:06d}.npz"), images=out.images.numpy(),
-                    labels=np.asarray(labels, dtype=np.int64), tokens=out.tokens.numpy(), indices=np.asarray(idx))
-        done += len(idx)
-        bar.update(len(idx))
-        bar.set_postfix(img_per_s=f"{done * world / max(time.time() - t0, 1e-9):.1f}")
-    bar.close()
-    barrier()
-    if rank == 0:
-        paths = [os.path.join(shard_dir, f"shard_{k:06d}.npz") for k in range(num_shards)]
-        missing = [p for p in paths if not os.path.exists(p)]
-        if missing:
-            raise RuntimeError(f"{len(missing)} shards missing after generation (e.g. {missing[0]})")
-        assemble(paths, args.out, N)
-        if not args.keep_shards:
-            for p in glob.glob(os.path.join(shard_dir, "*")):
-                os.remove(p)
-            os.rmdir(shard_dir)
-        print(f"wrote {args.out}: {N} samples, {time.time() - t0:.1f}s")
-    barrier()
-    shutdown()
+                    random_classes=args.random_classes, tokenizer_sha256=model_identity(args.tokenizer),
+                    ar_sha256=model_identity(args.ar), dtype=str(pipe.ar.dtype), image_size=[H, W],
+                    device_type=torch.device(device).type)
+    so = ShardedOutput(args.out, settings, num_items=N, shard_size=B,
+                       fields={"images": ((H, W, 3), np.uint8), "labels": ((), np.int64)},
+                       outputs={args.out: {"arr_0": "images", "arr_1": "labels"}}, overwrite=args.overwrite,
+                       log=lambda m: print(f"dar-fast fid: {m}", file=sys.stderr))
+    try:
+        status = "ok"
+        if rank == 0:
+            try:
+                status = "done" if so.begin() else "ok"
+            except UsageError as e:      # every rank must learn of it, or the others wait at a barrier forever
+                status = f"error:{e}"
+        status = broadcast(status)
+        if status.startswith("error:"):
+            raise UsageError(status[len("error:"):])
+        if status == "done":
+            if rank == 0:
+                print(f"{args.out} is already finished with these settings ({manifest_path(args.out)}); "
+                      "nothing to do")
+            return 0
+        mine = list(range(rank, so.num_shards, world))
+        todo = so.pending(mine)
+        bar = tqdm(total=N if world == 1 else len(mine) * B, initial=(len(mine) - len(todo)) * B, unit="img",
+                   disable=rank != 0 or None, desc=f"fid samples (rank 0 of {world})")
+        t0, done = time.time(), 0
+        for k in todo:
+            so.write(k, **_shard_arrays(pipe, so, k, args, cfg, C))
+            n = so.index_range(k)[1] - so.index_range(k)[0]
+            done += n
+            bar.update(n)
+            bar.set_postfix(img_per_s=f"{done * world / max(time.time() - t0, 1e-9):.1f}")
+        bar.close()
+        barrier()
+        if rank == 0:
+            so.finish(regenerate=lambda k: so.write(k, **_shard_arrays(pipe, so, k, args, cfg, C)),
+                      keep_shards=args.keep_shards)
+            print(f"wrote {args.out} and {manifest_path(args.out)}: {N} samples, {time.time() - t0:.1f}s")
+        barrier()
+    finally:
+        so.close()
+        shutdown()
     return 0

@@ -18,7 +18,8 @@ import torch
 from dar_fast import engine, ops
 from dar_fast.engine import StreamStep, _GraphedDecode  # noqa: F401  (StreamStep is public API)
 from dar_fast.models import ARModel, Tokenizer
-from dar_fast.sampler import (CFG, SampleOutput, cfg_schedule, check_compatible, check_labels, check_prefix)
+from dar_fast.sampler import (CFG, SampleOutput, cfg_schedule, check_compatible, check_labels, check_prefix,
+                              check_sampling_args)
 from dar_fast.seeding import resolve_keys, sample_noise
 
 
@@ -116,10 +117,7 @@ class Pipeline:
         B, N = labels.numel(), tok.num_tokens
         if B == 0:
             raise ValueError("labels is empty")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if top_k < 0 or not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_k must be >= 0 and top_p in (0, 1], got top_k={top_k}, top_p={top_p}")
+        check_sampling_args(cfg, temperature, top_k, top_p)
         prefix = check_prefix(tok, prefix_tokens, B)
         seeds, ids = resolve_keys(seed, B, sample_ids)
         scales = cfg_schedule(cfg, N)

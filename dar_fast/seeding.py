@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Sequence, Tuple, Union
 
+import numpy as np
 import torch
 
 _M64 = (1 << 64) - 1
@@ -36,22 +37,41 @@ def sample_noise(seeds: torch.Tensor, sample_ids: torch.Tensor, shape: Sequence[
     return out
 
 
+SEED_MIN, SEED_MAX = -(1 << 63), (1 << 63) - 1     # a seed is one int64 word of the Philox key
+
+
+def check_seed(seed, name: str = "seed") -> int:
+    """A Python or NumPy integer (or 0-d integer tensor) in [SEED_MIN, SEED_MAX] = int64 -> int; else UsageError."""
+    from dar_fast.errors import UsageError
+    if torch.is_tensor(seed) and seed.dim() == 0 and not seed.dtype.is_floating_point and seed.dtype != torch.bool:
+        seed = int(seed)
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
+        raise UsageError(f"{name} must be an integer, got {type(seed).__name__} {seed!r}")
+    v = int(seed)
+    if not SEED_MIN <= v <= SEED_MAX:
+        raise UsageError(f"{name} must fit in int64 ({SEED_MIN} .. {SEED_MAX}), got {v}")
+    return v
+
+
 def resolve_keys(seed: Union[int, Sequence[int], torch.Tensor], batch: int,
                  sample_ids=None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """seed int -> sample i uses key (seed, i); a list/tensor -> one seed per sample, key (seed_i, 0).
+    """seed int -> sample i uses key (seed, i); a list/array/tensor -> one seed per sample, key (seed_i, 0).
 
-    `sample_ids` overrides the ids (the FID generator passes global indices).
+    Seeds are Python/NumPy integers within int64 (`check_seed`); floats, bools and larger values are refused.
+    `sample_ids` overrides the ids (the FID generator passes global indices); they are int64 integers too.
     """
-    if isinstance(seed, (int,)) or (torch.is_tensor(seed) and seed.dim() == 0):
-        seeds = torch.full((batch,), int(seed), dtype=torch.int64)
+    from dar_fast.errors import UsageError
+    from dar_fast.sampler import as_int64
+    if isinstance(seed, (int, np.integer, bool, np.bool_, float)) or (torch.is_tensor(seed) and seed.dim() == 0):
+        seeds = torch.full((batch,), check_seed(seed), dtype=torch.int64)
         ids = torch.arange(batch, dtype=torch.int64)
     else:
-        seeds = torch.as_tensor(list(seed) if not torch.is_tensor(seed) else seed, dtype=torch.int64).flatten().cpu()
+        seeds = as_int64(seed, "seed").flatten()
         if seeds.numel() != batch:
-            raise ValueError(f"got {seeds.numel()} seeds for {batch} samples: give one int or one seed per sample")
+            raise UsageError(f"got {seeds.numel()} seeds for {batch} samples: give one int or one seed per sample")
         ids = torch.zeros(batch, dtype=torch.int64)
     if sample_ids is not None:
-        ids = torch.as_tensor(sample_ids, dtype=torch.int64).flatten().cpu()
+        ids = as_int64(sample_ids, "sample_ids").flatten()
         if ids.numel() != batch:
-            raise ValueError(f"got {ids.numel()} sample ids for {batch} samples")
+            raise UsageError(f"got {ids.numel()} sample ids for {batch} samples")
     return seeds, ids

@@ -1,0 +1,488 @@
+"""Verified shards: resumable, sharded generation into `.npz` files that are never half-written or silently wrong.
+
+Used by `dar-fast fid` (and meant for `dar-fast reconstruct`). Items 0..N-1 are cut into shards of
+`shard_size` consecutive indices; shard k holds items [k*S, min(N, (k+1)*S)).
+
+Guarantees
+- A shard file records its index range (start, count), every field's shape and dtype and a SHA-256 of its
+  content; `verify_shard` checks all of it, so a truncated, empty, swapped (wrong start), short, re-shaped or
+  re-typed shard is detected, deleted and regenerated (with a line saying so), never assembled.
+- Every output `.npz` is streamed from the verified shards into a temporary file, then re-read from disk
+  (member headers: count, shape, dtype; data: SHA-256 against what was written) before it replaces anything.
+- Beside the main output, `<out>.json` (the manifest) records the settings (the caller includes model hashes,
+  e.g. `dar_fast.io.file_sha256`), every output's size / mtime / data hash, versions and the date. A rerun with
+  the same settings finds the result finished and does nothing; a rerun with other settings is refused with a
+  UsageError unless `overwrite=True`; an output without a matching manifest is never replaced without
+  `overwrite=True` (unless our own interrupted run with the same settings left it).
+- An exclusive lock (`<out>.lock`, flock) keeps two runs from writing the same shards; stale temporary files
+  of killed runs (dot-files included) are removed on start, under the lock.
+
+API (rank 0 does begin/finish; every rank writes its own shards):
+
+    so = ShardedOutput(out, settings, num_items=N, shard_size=B,
+                       fields={"images": ((H, W, 3), np.uint8), "labels": ((), np.int64)},
+                       outputs={out: {"arr_0": "images", "arr_1": "labels"}},   # npz path -> member -> field
+                       overwrite=False, log=print)
+    if so.begin():              # rank 0: lock, overwrite rule, stale-temp cleanup, shard-dir manifest
+        return "already finished"      # (release with so.close())
+    for k in so.pending(my_shards):    # missing or failing shards (failures are deleted and reported)
+        start, stop = so.index_range(k)
+        so.write(k, images=..., labels=...)       # checked against `fields`, written atomically
+    so.finish(regenerate=lambda k: ..., keep_shards=False, extra={...})   # rank 0: verify all, assemble, verify,
+                                                                          # manifest, remove shards, unlock
+
+Lower-level pieces: `write_shard`, `verify_shard`, `OutputLock`, `assemble_npz`, `verify_npz`, `read_manifest`.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import re
+import shutil
+import zipfile
+from contextlib import suppress
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from dar_fast.errors import UsageError
+from dar_fast.io import atomic_write, remove_stale_temps, write_json_atomic
+
+SHARD_FORMAT = "dar-fast-shard/1"
+MANIFEST_FORMAT = "dar-fast-output/1"
+_META = "__shard__"
+_SHARD_RE = re.compile(r"^shard_(\d{6,})\.npz$")
+
+Fields = Dict[str, Tuple[Tuple[int, ...], object]]     # field -> (shape after the item axis, dtype)
+
+
+def _json_norm(obj):
+    """The value as it reads back from JSON (tuples -> lists), so settings compare equal across runs."""
+    return json.loads(json.dumps(obj))
+
+
+# ============================================================================================ shard files
+
+def _content_hash(arrays: Dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(memoryview(a).cast("B"))
+    return h.hexdigest()
+
+
+def write_shard(path: str, start: int, arrays: Dict[str, np.ndarray]) -> None:
+    """Atomically write items [start, start+count) as an .npz with a metadata record (range, shapes, dtypes, hash)."""
+    arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+    counts = {k: (v.shape[0] if v.ndim else None) for k, v in arrays.items()}
+    if len(set(counts.values())) != 1 or None in counts.values():
+        raise ValueError(f"shard fields must share their first (item) axis, got {counts}")
+    meta = dict(format=SHARD_FORMAT, start=int(start), count=int(next(iter(counts.values()))),
+                arrays={k: dict(shape=list(v.shape), dtype=v.dtype.str) for k, v in arrays.items()},
+                sha256=_content_hash(arrays))
+    blob = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    atomic_write(path, lambda f: np.savez(f, **arrays, **{_META: blob}))
+
+
+def verify_shard(path: str, start: int, count: int, fields: Optional[Fields] = None) -> Optional[str]:
+    """None if the shard at `path` holds exactly items [start, start+count) with the expected fields; else the reason."""
+    if not os.path.isfile(path):
+        return "missing"
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if _META not in z.files:
+                return "no shard record (not written by this version)"
+            meta = json.loads(bytes(z[_META]).decode())
+            arrays = {k: z[k] for k in z.files if k != _META}
+    except Exception as e:       # truncated / empty / not a zip / bad member: all mean "regenerate"
+        return f"unreadable ({type(e).__name__}: {str(e)[:120]})"
+    if meta.get("format") != SHARD_FORMAT:
+        return f"format {meta.get('format')!r}, expected {SHARD_FORMAT!r}"
+    if meta.get("start") != start or meta.get("count") != count:
+        return f"holds items [{meta.get('start')}, +{meta.get('count')}), expected [{start}, +{count})"
+    if set(meta.get("arrays", {})) != set(arrays):
+        return f"fields {sorted(arrays)} do not match its record {sorted(meta.get('arrays', {}))}"
+    for k, a in arrays.items():
+        rec = meta["arrays"][k]
+        if list(a.shape) != rec["shape"] or a.dtype.str != rec["dtype"]:
+            return f"field {k}: {a.dtype} {a.shape} does not match its record {rec}"
+        if a.shape[:1] != (count,):
+            return f"field {k} has {a.shape[0] if a.ndim else 0} items, expected {count}"
+    if fields is not None:
+        if set(fields) != set(arrays):
+            return f"fields {sorted(arrays)}, expected {sorted(fields)}"
+        for k, (tail, dtype) in fields.items():
+            if tuple(arrays[k].shape[1:]) != tuple(tail) or arrays[k].dtype != np.dtype(dtype):
+                return (f"field {k} is {arrays[k].dtype} {tuple(arrays[k].shape[1:])} per item, expected "
+                        f"{np.dtype(dtype)} {tuple(tail)}")
+    if _content_hash(arrays) != meta.get("sha256"):
+        return "content does not match its checksum (corrupted)"
+    return None
+
+
+# ============================================================================================ the lock
+
+class OutputLock:
+    """Exclusive, non-blocking flock on `<out>.lock`; a second run fails at once with a UsageError naming the holder."""
+
+    def __init__(self, out: str):
+        self.path = str(out) + ".lock"
+        self.fd: Optional[int] = None
+
+    def acquire(self) -> "OutputLock":
+        import fcntl
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise UsageError(f"another run (pid {holder}) is writing {self.path[:-5]}: wait for it to finish, "
+                                 "or choose another --out")
+            except OSError:
+                os.close(fd)       # a file system without flock: carry on unlocked rather than refuse to work
+                return self
+            # the holder before us may have finished and unlinked the file: lock the file that is at the path now
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self.fd = fd
+        return self
+
+    def release(self, remove: bool = False) -> None:
+        if self.fd is None:
+            return
+        if remove:
+            with suppress(FileNotFoundError):
+                os.unlink(self.path)
+        os.close(self.fd)       # closing drops the flock
+        self.fd = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+# ============================================================================================ npz assembly
+
+def _npy_header(shape, dtype) -> bytes:
+    import io
+    b = io.BytesIO()
+    np.lib.format.write_array_header_2_0(b, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                             "fortran_order": False, "shape": tuple(shape)})
+    return b.getvalue()
+
+
+def assemble_npz(path: str, members: Sequence[Tuple[str, Tuple[int, ...], object, Callable[[], Iterable[np.ndarray]]]]
+                 ) -> Dict[str, str]:
+    """Stream members (name, full shape, dtype, chunk-iterator factory) into an uncompressed .npz, atomically.
+
+    Each member's chunks must add up to exactly its shape. The temporary file is re-read before it replaces
+    `path` (`verify_npz`); returns {member: sha256 of its data}."""
+    hashes: Dict[str, str] = {}
+
+    def write(f):
+        with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+            for name, shape, dtype, chunks in members:
+                h, rows, tail = hashlib.sha256(), 0, tuple(shape[1:])
+                with zf.open(name + ".npy", "w", force_zip64=True) as m:
+                    m.write(_npy_header(shape, dtype))
+                    for c in chunks():
+                        c = np.asarray(c)
+                        if tuple(c.shape[1:]) != tail or c.dtype != np.dtype(dtype):
+                            raise RuntimeError(f"{name}: a chunk is {c.dtype} {c.shape}, expected {np.dtype(dtype)} "
+                                               f"(*, {', '.join(map(str, tail))})")
+                        rows += c.shape[0]
+                        if rows > shape[0]:
+                            raise RuntimeError(f"{name}: more than the expected {shape[0]} items")
+                        data = np.ascontiguousarray(c).tobytes()
+                        h.update(data)
+                        m.write(data)
+                if rows != shape[0]:
+                    raise RuntimeError(f"{name}: {rows} items written, expected {shape[0]}")
+                hashes[name] = h.hexdigest()
+
+    expect = {name: (tuple(shape), np.dtype(dtype)) for name, shape, dtype, _ in members}
+    atomic_write(path, write, verify=lambda tmp: verify_npz(tmp, expect, hashes))
+    return hashes
+
+
+def verify_npz(path: str, expect: Dict[str, Tuple[Tuple[int, ...], object]],
+               hashes: Optional[Dict[str, str]] = None) -> None:
+    """Raise RuntimeError unless the .npz at `path` holds exactly the members `expect` (name -> (shape, dtype)),
+    readable by np.load, with data matching `hashes` (member -> sha256) when given. Streams: no member is
+    loaded whole."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = sorted(n[:-4] for n in zf.namelist() if n.endswith(".npy"))
+            if names != sorted(expect) or len(zf.namelist()) != len(expect):
+                raise RuntimeError(f"members {zf.namelist()}, expected {sorted(expect)}")
+            for name, (shape, dtype) in expect.items():
+                with zf.open(name + ".npy") as m:       # zipfile checks each member's CRC-32 on reading to the end
+                    version = np.lib.format.read_magic(m)
+                    read = {(1, 0): np.lib.format.read_array_header_1_0,
+                            (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+                    if read is None:
+                        raise RuntimeError(f"{name}: unknown .npy format version {version}")
+                    shp, fortran, dt = read(m)
+                    if tuple(shp) != tuple(shape) or dt != np.dtype(dtype) or fortran:
+                        raise RuntimeError(f"{name} is {dt} {shp}, expected {np.dtype(dtype)} {tuple(shape)}")
+                    h, n = hashlib.sha256(), 0
+                    for block in iter(lambda: m.read(1 << 22), b""):
+                        h.update(block)
+                        n += len(block)
+                    if n != int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize:
+                        raise RuntimeError(f"{name} holds {n} data bytes, expected {tuple(shape)} x {np.dtype(dtype)}")
+                    if hashes is not None and h.hexdigest() != hashes.get(name):
+                        raise RuntimeError(f"{name}: data on disk differs from the data written")
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+        raise RuntimeError(f"{path}: not a valid .npz ({type(e).__name__}: {e})") from e
+
+
+# ============================================================================================ the manifest
+
+def manifest_path(out: str) -> str:
+    """`samples.npz` -> `samples.json` (the manifest lives beside the output)."""
+    root, ext = os.path.splitext(str(out))
+    return (root if ext == ".npz" else str(out)) + ".json"
+
+
+def read_manifest(out: str) -> Optional[dict]:
+    try:
+        with open(manifest_path(out)) as f:
+            m = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return m if isinstance(m, dict) and m.get("format") == MANIFEST_FORMAT else None
+
+
+def _versions() -> dict:
+    import platform
+    v = {"python": platform.python_version(), "numpy": np.__version__}
+    with suppress(Exception):
+        import dar_fast
+        v["dar_fast"] = dar_fast.__version__
+    with suppress(Exception):
+        import torch
+        v["torch"] = torch.__version__
+    return v
+
+
+def _file_record(path: str, hashes: Dict[str, str]) -> dict:
+    st = os.stat(path)
+    return dict(size=st.st_size, mtime_ns=st.st_mtime_ns, members=hashes)
+
+
+def _diff(old: dict, new: dict) -> str:
+    keys = sorted(set(old) | set(new))
+    return ", ".join(f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}"
+                     for k in keys if old.get(k) != new.get(k))
+
+
+# ============================================================================================ the protocol
+
+class ShardedOutput:
+    """See the module docstring. `outputs` maps each .npz path to {member name: field}; its first key is the
+    main output (shards live in `<main>.shards/`, the lock is `<main>.lock`, the manifest `<main minus .npz>.json`)."""
+
+    def __init__(self, out: str, settings: dict, num_items: int, shard_size: int, fields: Fields,
+                 outputs: Optional[Dict[str, Dict[str, str]]] = None, overwrite: bool = False,
+                 log: Callable[[str], None] = print):
+        if num_items < 1 or shard_size < 1:
+            raise UsageError(f"need at least one item and a shard size >= 1, got {num_items} and {shard_size}")
+        self.out = str(out)
+        self.settings = _json_norm(settings)
+        self.num_items, self.shard_size = int(num_items), int(shard_size)
+        self.fields = {k: (tuple(t), np.dtype(d)) for k, (t, d) in fields.items()}
+        self.outputs = {str(p): dict(m) for p, m in (outputs or {self.out: {f"arr_{i}": k for i, k in
+                                                                           enumerate(fields)}}).items()}
+        if next(iter(self.outputs)) != self.out:
+            raise ValueError("the first output must be `out`")
+        for p, m in self.outputs.items():
+            bad = [f for f in m.values() if f not in self.fields]
+            if bad:
+                raise ValueError(f"{p}: members read unknown fields {bad}")
+        self.overwrite, self.log = overwrite, log
+        self.dir = self.out + ".shards"
+        self.lock = OutputLock(self.out)
+        self.num_shards = (self.num_items + self.shard_size - 1) // self.shard_size
+        self._shard_manifest = os.path.join(self.dir, "manifest.json")
+        self._shard_settings = _json_norm(dict(settings=self.settings, num_items=self.num_items,
+                                               shard_size=self.shard_size,
+                                               fields={k: [list(t), d.str] for k, (t, d) in self.fields.items()}))
+
+    # ---------------------------------------------------------------- geometry
+    def index_range(self, k: int) -> Tuple[int, int]:
+        return k * self.shard_size, min(self.num_items, (k + 1) * self.shard_size)
+
+    def shard_path(self, k: int) -> str:
+        return os.path.join(self.dir, f"shard_{k:06d}.npz")
+
+    # ---------------------------------------------------------------- start (rank 0)
+    def finished(self) -> bool:
+        """True when every output exists and matches the manifest, which holds these settings."""
+        m = read_manifest(self.out)
+        if m is None or m.get("settings") != self.settings:
+            return False
+        files = m.get("outputs", {})
+        for p in self.outputs:
+            rec = files.get(os.path.basename(p))
+            try:
+                st = os.stat(p)
+            except OSError:
+                return False
+            if not rec or rec.get("size") != st.st_size or rec.get("mtime_ns") != st.st_mtime_ns:
+                return False
+        return True
+
+    def begin(self) -> bool:
+        """Lock, apply the overwrite rule, clean stale temps, pin the settings in the shard directory.
+        Returns True (and releases the lock) if the result is already finished with these settings."""
+        self.lock.acquire()
+        try:
+            if self.finished():
+                self.lock.release()
+                return True
+            self._check_overwrite()
+            parent = os.path.dirname(os.path.abspath(self.out))
+            for p in list(self.outputs) + [manifest_path(self.out)]:
+                remove_stale_temps(parent, os.path.basename(p))
+            os.makedirs(self.dir, exist_ok=True)
+            old = None
+            with suppress(OSError, ValueError):
+                with open(self._shard_manifest) as f:
+                    old = json.load(f)
+            if old is not None and old != self._shard_settings:
+                if not self.overwrite:
+                    diff = _diff(old.get("settings", {}), self.settings) or _diff(old, self._shard_settings)
+                    raise UsageError(f"{self.dir} holds shards of an unfinished run with other settings ({diff}); "
+                                     "rerun with those settings to finish it, or pass --overwrite to discard them")
+                shutil.rmtree(self.dir)
+                os.makedirs(self.dir)
+                old = None
+            removed = self._remove_strays()
+            if removed:
+                self.log(f"removed {removed} stale temporary file(s) from {self.dir}")
+            if old is None:
+                write_json_atomic(self._shard_manifest, self._shard_settings)
+            return False
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _check_overwrite(self):
+        existing = [p for p in self.outputs if os.path.exists(p)]
+        if not existing:
+            return
+        m = read_manifest(self.out)
+        if self.overwrite:
+            with suppress(FileNotFoundError):       # the old manifest no longer describes what will be there
+                os.unlink(manifest_path(self.out))
+            return
+        if m is not None and m.get("settings") != self.settings:
+            raise UsageError(f"{existing[0]} is a finished result made with other settings "
+                             f"({_diff(m.get('settings', {}), self.settings)}); pass --overwrite to replace it, "
+                             "or choose another --out")
+        # no manifest (or one that no longer matches the file): replace it only if our own interrupted run
+        # with these settings wrote it (the shard directory says so)
+        with suppress(OSError, ValueError):
+            with open(self._shard_manifest) as f:
+                if json.load(f) == self._shard_settings:
+                    return
+        raise UsageError(f"{existing[0]} already exists and {manifest_path(self.out)} does not describe it; "
+                         "pass --overwrite to replace it, or choose another --out")
+
+    def _remove_strays(self) -> int:
+        """Everything in the shard directory but shards and the manifest is a leftover of a killed write."""
+        n = 0
+        for e in os.scandir(self.dir):
+            if e.name == "manifest.json" or (_SHARD_RE.match(e.name) and e.is_file(follow_symlinks=False)):
+                continue
+            with suppress(OSError):
+                if e.is_dir(follow_symlinks=False):
+                    shutil.rmtree(e.path)
+                else:
+                    os.unlink(e.path)
+                n += 1
+        return n
+
+    # ---------------------------------------------------------------- generation (every rank)
+    def check(self, k: int) -> Optional[str]:
+        start, stop = self.index_range(k)
+        return verify_shard(self.shard_path(k), start, stop - start, self.fields)
+
+    def pending(self, shards: Iterable[int]) -> List[int]:
+        """The given shards that are missing or fail verification; failing files are reported and deleted."""
+        todo = []
+        for k in shards:
+            why = self.check(k)
+            if why is None:
+                continue
+            if why != "missing":
+                self.log(f"shard {k} ({self.shard_path(k)}) failed verification: {why}; regenerating it")
+                with suppress(FileNotFoundError):
+                    os.unlink(self.shard_path(k))
+            todo.append(k)
+        return todo
+
+    def write(self, k: int, **arrays: np.ndarray) -> None:
+        start, stop = self.index_range(k)
+        if set(arrays) != set(self.fields):
+            raise RuntimeError(f"shard {k}: fields {sorted(arrays)}, expected {sorted(self.fields)}")
+        for name, (tail, dtype) in self.fields.items():
+            a = np.asarray(arrays[name])
+            if a.shape != (stop - start, *tail) or a.dtype != dtype:
+                raise RuntimeError(f"shard {k}: {name} is {a.dtype} {a.shape}, expected {dtype} "
+                                   f"{(stop - start, *tail)}")
+        write_shard(self.shard_path(k), start, arrays)
+
+    # ---------------------------------------------------------------- end (rank 0)
+    def finish(self, regenerate: Optional[Callable[[int], None]] = None, keep_shards: bool = False,
+               extra: Optional[dict] = None) -> dict:
+        """Verify every shard (regenerating failures with `regenerate(k)`), assemble and verify each output,
+        write the manifest, remove the shards (unless keep_shards) and release the lock. Returns the manifest."""
+        bad = self.pending(range(self.num_shards))
+        if bad and regenerate is None:
+            raise RuntimeError(f"{len(bad)} shard(s) missing or invalid (e.g. {self.shard_path(bad[0])})")
+        for k in bad:
+            regenerate(k)
+            why = self.check(k)
+            if why is not None:
+                raise RuntimeError(f"shard {k} still fails verification after regenerating it: {why}")
+        paths = [self.shard_path(k) for k in range(self.num_shards)]
+        records = {}
+        for p, members in self.outputs.items():
+            def chunks(field):
+                def gen():
+                    for sp in paths:
+                        with np.load(sp, allow_pickle=False) as z:
+                            yield z[field]
+                return gen
+            spec = [(name, (self.num_items, *self.fields[f][0]), self.fields[f][1], chunks(f))
+                    for name, f in members.items()]
+            hashes = assemble_npz(p, spec)
+            records[os.path.basename(p)] = _file_record(p, hashes)
+        manifest = dict(format=MANIFEST_FORMAT, settings=self.settings, num_items=self.num_items,
+                        outputs=records, versions=_versions(),
+                        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                        **(extra or {}))
+        write_json_atomic(manifest_path(self.out), manifest)
+        if not keep_shards:
+            shutil.rmtree(self.dir, ignore_errors=True)
+        self.lock.release(remove=True)
+        return manifest
+
+    def close(self) -> None:
+        self.lock.release()
