@@ -197,7 +197,10 @@ def assemble_npz(path: str, members: Sequence[Tuple[str, Tuple[int, ...], object
         with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
             for name, shape, dtype, chunks in members:
                 h, rows, tail = hashlib.sha256(), 0, tuple(shape[1:])
-                with zf.open(name + ".npy", "w", force_zip64=True) as m:
+                # a fixed member date (zip's epoch): the same content gives the same bytes, whenever it is written
+                info = zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
+                info.compress_type = zipfile.ZIP_STORED
+                with zf.open(info, "w", force_zip64=True) as m:
                     m.write(_npy_header(shape, dtype))
                     for c in chunks():
                         c = np.asarray(c)
