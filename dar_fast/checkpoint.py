@@ -11,11 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
 
+from dar_fast.errors import UsageError
 from dar_fast.io import atomic_write
 
 CONFIG_KEY = "dar_fast_config"   # safetensors metadata entry holding the JSON config
@@ -27,7 +29,7 @@ _AR_DROP = ("kv_cache.k_cache", "kv_cache.v_cache", "freqs_cis", "causal_mask")
 OPTIONAL_PREFIXES = ("diff_decoder.net.repa_out.", "quantize.codebook_used")
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(UsageError):
     """The state dict does not fit the model config; the message lists every offending key."""
 
 
@@ -39,11 +41,67 @@ def _torch_load(path: str):
         torch.serialization.add_safe_globals([argparse.Namespace])   # torch 2.4
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
-            raise ValueError(f"{path}: refusing to unpickle it: it holds objects other than tensors, containers and "
-                             f"argparse.Namespace ({str(e).splitlines()[0]}). Only load files you trust; dar-fast does not "
-                             "execute pickled code.") from e
-        raise
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        if found:
+            # torch's own message advises weights_only=False, i.e. running the file's code: never pass that on
+            raise UsageError(f"{path}: refusing to unpickle it: it holds objects other than tensors, containers "
+                             f"and argparse.Namespace (a {found.group(1)}). dar-fast does not execute pickled "
+                             "code; convert the weights to a plain state dict where the file was made") from None
+        raise _unreadable(path, "PyTorch", e) from None
+
+
+_CKPT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+
+
+def _unreadable(path: str, fmt: str, e: Exception) -> "UsageError":
+    """A file that cannot be parsed: say it is truncated or corrupt, with the reader's own reason (minus any
+    advice to unpickle with weights_only=False)."""
+    detail = " ".join(str(e).split())
+    for cut in ("This is an internal miniz error", "Weights only load failed", "In PyTorch 2.6"):
+        detail = detail.split(cut)[0].strip().rstrip(".")
+    if not detail or "weights_only" in detail:
+        detail = type(e).__name__
+    return UsageError(f"truncated or corrupt {fmt} file: {path} ({detail}; an interrupted download or copy?)")
+
+
+def _sniff(path: str) -> str:
+    """The checkpoint format from the first bytes: 'zip' (torch.save), 'pickle' (legacy torch.save),
+    'safetensors', or '' (none of them)."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "pickle"                       # pickle PROTO opcode, protocols 2-5
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < os.path.getsize(path):
+        return "safetensors"                  # u64 header length, then the JSON header
+    return ""
+
+
+def _check_file(path: str):
+    """Refuse what is not a readable checkpoint file with one line that says what it is."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if os.path.isdir(path):
+        inside = sorted(f for f in os.listdir(path) if f.endswith(_CKPT_SUFFIXES))
+        hint = f"; it holds {', '.join(inside[:6])}{' ...' if len(inside) > 6 else ''}" if inside else ""
+        raise UsageError(f"checkpoint {path} is a folder; give the checkpoint file{hint}")
+    if not os.path.isfile(path):
+        raise UsageError(f"checkpoint {path} is not a regular file")
+    if os.path.getsize(path) == 0:
+        raise UsageError(f"empty checkpoint file (0 bytes; an interrupted download?): {path}")
+
+
+def _read_safetensors(path: str):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+        sd = load_file(path)
+    except Exception as e:  # SafetensorError (a Rust exception type), OSError
+        raise _unreadable(path, "safetensors", e) from None
+    return sd, meta
 
 
 def _is_state_dict(d) -> bool:
@@ -54,7 +112,7 @@ def _is_state_dict(d) -> bool:
 def unwrap(obj) -> Tuple[dict, Optional[object]]:
     """A loaded checkpoint object -> (state_dict, config-like or None)."""
     if not isinstance(obj, dict):
-        raise ValueError(f"checkpoint is a {type(obj).__name__}, expected a dict / state dict")
+        raise UsageError(f"checkpoint is a {type(obj).__name__}, expected a dict / state dict")
     config = obj.get("config", None)
     if config is None and "args" in obj:
         config = obj["args"]
@@ -68,7 +126,7 @@ def unwrap(obj) -> Tuple[dict, Optional[object]]:
             return inner, config
     if _is_state_dict(obj):
         return {k: v for k, v in obj.items() if torch.is_tensor(v)}, config
-    raise ValueError(f"no state dict found in checkpoint (top-level keys: {sorted(obj)[:12]})")
+    raise UsageError(f"no state dict found in checkpoint (top-level keys: {sorted(obj)[:12]})")
 
 
 def clean_keys(sd: dict) -> dict:
@@ -90,26 +148,30 @@ def read_checkpoint(ckpt) -> Tuple[dict, Optional[object], Optional[str]]:
         sd, config = unwrap(ckpt)
         return clean_keys(sd), config, None
     path = os.fspath(ckpt)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+    _check_file(path)
     config = None
-    if path.endswith(".safetensors"):
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-        sd = load_file(path)
+    fmt = _sniff(path)
+    if path.endswith(".safetensors") or fmt == "safetensors":
+        sd, meta = _read_safetensors(path)
         if CONFIG_KEY in meta:
-            config = json.loads(meta[CONFIG_KEY])
+            try:
+                config = json.loads(meta[CONFIG_KEY])
+            except json.JSONDecodeError as e:
+                raise UsageError(f"{path}: the config in its metadata is not JSON ({e.msg})") from None
         kind = meta.get(KIND_KEY)
         if config is None:
-            for side in (path[: -len(".safetensors")] + ".json", os.path.join(os.path.dirname(path), "config.json")):
+            for side in (os.path.splitext(path)[0] + ".json", os.path.join(os.path.dirname(path), "config.json")):
                 if os.path.exists(side):
-                    with open(side) as fh:
-                        config = json.load(fh)
+                    from dar_fast.config import _read_config_file
+                    config = _read_config_file(side)      # a malformed file is named with its line
                     break
-    else:
+    elif fmt in ("zip", "pickle"):
         sd, config = unwrap(_torch_load(path))
+    else:
+        with open(path, "rb") as f:
+            head = f.read(8)
+        raise UsageError(f"not a checkpoint: {path} is neither a PyTorch file (zip archive or pickle) nor "
+                         f"safetensors (it starts with bytes {head.hex()})")
     return clean_keys(sd), config, kind
 
 

@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional, Tuple, Union
 
+from dar_fast.errors import UsageError
+
 # ----------------------------------------------------------------------------------------------
 # Tokenizer
 # ----------------------------------------------------------------------------------------------
@@ -28,13 +30,13 @@ class DiffDecoderConfig:
     depth: int = 12
     data_std: float = 0.6
     time_shift: float = 2.0
-    mlp_head: bool = False
-    share_time_encoding: bool = False
-    grad_checkpointing: bool = False
-    # REPA projection head sits before this block (training only). The released
-    # v1 config leaves it at the code default; 4 of 12 blocks (a third of the
-    # depth, as REPA's SiT recipe of 8 of 28 roughly suggests) is ours.
-    repa_layer: int = 4
+    mlp_head: bool = False              # released FinalLayer output head (needs share_time_encoding)
+    share_time_encoding: bool = False   # one time embedder for all blocks instead of one per block
+    grad_checkpointing: bool = False    # training only (recompute blocks in backward)
+    # REPA projection head sits before this block (training only); released default 8
+    repa_layer: int = 8
+    rope_base_len: float = 10000.0      # theta of the pixel DiT's 2D RoPE
+    cfg: float = 1.0                    # released: read into the decoder but never used by its sampler
     repa_dim: int = 768          # DINOv2-B feature width
     repa_hidden: int = 2048
     repa_grid: int = 16          # tokens pooled to 16x16 before the head
@@ -54,11 +56,12 @@ class TokenizerConfig:
     num_denoising_steps: int = 8
     num_query_groups: int = 8
     num_all_queries: int = 256
-    queries_per_step: int = 32
-    vq_enable: bool = True
+    queries_per_step: Optional[int] = 32   # None: num_all_queries // num_query_groups, as released
+    vq_enable: bool = True       # False: the released "LNBottleneck" (l2-normalised continuous latents, no codes)
     sampling_resolution: Union[int, Tuple[int, int], None] = 256   # image size (H, W) or one int; released v1: 256
     # released: after a decode, if a side exceeds R, bicubic resize to R x R (0: never)
     output_resolution: int = 0
+    rope_base_len: float = 10000.0   # theta of the encoder's 2D RoPE
     diff_decoder: DiffDecoderConfig = field(default_factory=DiffDecoderConfig)
     # ours
     head_dim: int = 64
@@ -79,9 +82,23 @@ class TokenizerConfig:
         return self.queries_per_step
 
     def validate(self) -> "TokenizerConfig":
+        if self.queries_per_step is None:
+            self.queries_per_step = self.num_all_queries // max(self.num_query_groups, 1)
         if self.num_all_queries != self.num_query_groups * self.queries_per_step:
-            raise ValueError(f"tokenizer config: num_all_queries={self.num_all_queries} != num_query_groups "
-                             f"({self.num_query_groups}) x queries_per_step ({self.queries_per_step})")
+            raise ValueError(f"tokenizer config: queries_per_step={self.queries_per_step} with num_all_queries="
+                             f"{self.num_all_queries} and num_query_groups={self.num_query_groups}: dar-fast needs "
+                             "num_all_queries == num_query_groups x queries_per_step (groups that tile the tokens)")
+        dd = self.diff_decoder
+        for name, v in (("diff_decoder.in_dim", dd.in_dim), ("diff_decoder.out_dim", dd.out_dim)):
+            if v != 3:
+                raise ValueError(f"tokenizer config: {name}={v} is not supported: the released decoder is built "
+                                 "for 3 (RGB) channels whatever it says")
+        if dd.mlp_head and not dd.share_time_encoding:
+            raise ValueError("tokenizer config: diff_decoder.mlp_head=true needs diff_decoder.share_time_encoding="
+                             "true (the released head is modulated by the shared time embedding; without it the "
+                             "released code fails)")
+        if self.output_resolution < 0:
+            raise ValueError(f"tokenizer config: output_resolution must be >= 0 (0: off), got {self.output_resolution}")
         if self.num_denoising_steps < 1:
             raise ValueError(f"tokenizer config: num_denoising_steps must be >= 1, got {self.num_denoising_steps}")
         if self.num_all_queries > self.query_table_size:
@@ -200,25 +217,112 @@ for _n in ("B", "L", "XL", "XXL"):
     AR_PRESETS[f"GPT-{_n}"] = AR_PRESETS[f"D-AR-{_n}"]
 
 
+# ints that may be 0 (0 means "off"); every other int field is a size or count and must be >= 1
+_ZERO_OK = {"output_resolution", "repa_layer"}
+# floats that must be > 0; names ending in _p / _prob / _rate are probabilities in [0, 1]; other floats: finite
+_POSITIVE_FLOATS = {"data_std", "time_shift", "norm_eps", "rope_base", "ffn_dim_multiplier", "initializer_range"}
+
+
+def _type_name(hint) -> str:
+    import typing
+    if hint is type(None):
+        return "null"
+    if typing.get_origin(hint) in (tuple, Tuple):
+        return "[" + ", ".join(_type_name(a) for a in typing.get_args(hint)) + "]"
+    return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(hint, str(hint))
+
+
+def _check_field(name: str, hint, v, what: str):
+    """Type and range of one config value; the error names the field. Unknown annotations are not checked."""
+    import math
+    import typing
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is Union:
+        if v is None and type(None) in args:
+            return v
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _check_field(name, a, v, what)
+            except ValueError:
+                continue
+        want = " or ".join(_type_name(a) for a in args)
+        raise UsageError(f"{what} config: {name} must be {want}, got {v!r}")
+    if typing.get_origin(hint) in (tuple, Tuple):
+        if not isinstance(v, (list, tuple)) or len(v) != len(args):
+            raise UsageError(f"{what} config: {name} must be a list of {len(args)} values, got {v!r}")
+        return tuple(_check_field(f"{name}[{i}]", a, x, what) for i, (a, x) in enumerate(zip(args, v)))
+    if hint is bool:
+        if not isinstance(v, bool):
+            raise UsageError(f"{what} config: {name} must be true or false, got {v!r}")
+    elif hint is int:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise UsageError(f"{what} config: {name} must be an integer, got {v!r}")
+        if v < (0 if name in _ZERO_OK else 1):
+            raise UsageError(f"{what} config: {name} must be {'>= 0' if name in _ZERO_OK else 'positive'}, got {v}")
+    elif hint is float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise UsageError(f"{what} config: {name} must be a finite number, got {v!r}")
+        if name.endswith(("_p", "_prob", "_rate")) and not 0 <= v <= 1:
+            raise UsageError(f"{what} config: {name} must be in [0, 1], got {v}")
+        if name in _POSITIVE_FLOATS and v <= 0:
+            raise UsageError(f"{what} config: {name} must be > 0, got {v}")
+        v = float(v)
+    elif hint is str:
+        if not isinstance(v, str):
+            raise UsageError(f"{what} config: {name} must be a string, got {v!r}")
+    return v
+
+
 def _from_dict(cls, d: dict, what: str):
+    import typing
+    if not isinstance(d, dict):
+        raise UsageError(f"{what} config must be a mapping of keys to values, got {type(d).__name__}")
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - names)
     if unknown:
-        raise ValueError(f"{what} config: unknown keys {unknown}; known keys: {sorted(names)}")
+        raise UsageError(f"{what} config: unknown keys {unknown}; known keys: {sorted(names)}")
     kw = dict(d)
-    if cls is TokenizerConfig and isinstance(kw.get("diff_decoder"), dict):
-        kw["diff_decoder"] = _from_dict(DiffDecoderConfig, kw["diff_decoder"], what + ".diff_decoder")
-    if cls is TokenizerConfig and isinstance(kw.get("sampling_resolution"), list):
-        kw["sampling_resolution"] = tuple(kw["sampling_resolution"])
+    hints = typing.get_type_hints(cls)
+    for k, v in d.items():
+        hint = hints.get(k)
+        if dataclasses.is_dataclass(hint):
+            if isinstance(v, dict):
+                kw[k] = _from_dict(hint, v, f"{what}.{k}")
+            elif not isinstance(v, hint):
+                raise UsageError(f"{what} config: {k} must be a mapping of {hint.__name__} keys, got {v!r}")
+        elif hint is not None:
+            kw[k] = _check_field(k, hint, v, what)
     return cls(**kw)
 
 
 def _read_config_file(path: str) -> dict:
-    with open(path) as f:
-        if path.endswith((".yaml", ".yml")):
-            import yaml
-            return yaml.safe_load(f)
-        return json.load(f)
+    """JSON or YAML file -> dict; a malformed file is reported with its name and the line of the problem."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError:
+        raise UsageError(f"config file {path} is not a text (JSON/YAML) file") from None
+    except OSError as e:
+        raise UsageError(f"cannot read config file {path}: {e.strerror or e}") from None
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+        try:
+            d = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1} column {mark.column + 1}:" if mark is not None else ""
+            raise UsageError(f"malformed YAML in {path}:{where} {getattr(e, 'problem', None) or e}") from None
+    else:
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"malformed JSON in {path}: line {e.lineno} column {e.colno}: {e.msg}") from None
+    if not isinstance(d, dict):
+        raise UsageError(f"config file {path} must hold a mapping of keys to values, got "
+                         f"{'nothing' if d is None else type(d).__name__}")
+    return d
 
 
 def _as_dict(obj) -> Any:

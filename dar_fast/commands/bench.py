@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+from dar_fast.errors import UsageError
+
 BENCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "benchmarks")
 
 
@@ -17,12 +19,16 @@ def register(sub):
     p = sub.add_parser("bench", help="run a benchmark (sampling, fid, training, vq_nearest, rope, flow_step, sample_tokens)")
     p.add_argument("name", help="benchmark name: " + ", ".join(available() or ["(none found)"]))
     p.add_argument("args", nargs="...", help="passed to the script (e.g. --smoke --device cpu --out x.json)")
-    p.set_defaults(func=run)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads of the benchmark process (OMP_NUM_THREADS)")
+    p.set_defaults(func=run, threads_handled=True)
 
 
 def run(args) -> int:
     script = os.path.join(BENCH_DIR, f"bench_{args.name}.py")
     if not os.path.exists(script):
         have = ", ".join(available()) or "none (benchmarks/ ships with the source checkout, not the wheel)"
-        raise ValueError(f"unknown benchmark {args.name!r}; available: {have}")
-    return subprocess.call([sys.executable, script, *args.args])
+        raise UsageError(f"unknown benchmark {args.name!r}; available: {have}")
+    env = dict(os.environ)
+    if getattr(args, "threads", None):      # the script runs in its own process: pass the thread count on
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    return subprocess.call([sys.executable, script, *args.args], env=env)
