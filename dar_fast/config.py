@@ -85,31 +85,31 @@ class TokenizerConfig:
         if self.queries_per_step is None:
             self.queries_per_step = self.num_all_queries // max(self.num_query_groups, 1)
         if self.num_all_queries != self.num_query_groups * self.queries_per_step:
-            raise ValueError(f"tokenizer config: queries_per_step={self.queries_per_step} with num_all_queries="
+            raise UsageError(f"tokenizer config: queries_per_step={self.queries_per_step} with num_all_queries="
                              f"{self.num_all_queries} and num_query_groups={self.num_query_groups}: dar-fast needs "
                              "num_all_queries == num_query_groups x queries_per_step (groups that tile the tokens)")
         dd = self.diff_decoder
         for name, v in (("diff_decoder.in_dim", dd.in_dim), ("diff_decoder.out_dim", dd.out_dim)):
             if v != 3:
-                raise ValueError(f"tokenizer config: {name}={v} is not supported: the released decoder is built "
+                raise UsageError(f"tokenizer config: {name}={v} is not supported: the released decoder is built "
                                  "for 3 (RGB) channels whatever it says")
         if dd.mlp_head and not dd.share_time_encoding:
-            raise ValueError("tokenizer config: diff_decoder.mlp_head=true needs diff_decoder.share_time_encoding="
+            raise UsageError("tokenizer config: diff_decoder.mlp_head=true needs diff_decoder.share_time_encoding="
                              "true (the released head is modulated by the shared time embedding; without it the "
                              "released code fails)")
         if self.output_resolution < 0:
-            raise ValueError(f"tokenizer config: output_resolution must be >= 0 (0: off), got {self.output_resolution}")
+            raise UsageError(f"tokenizer config: output_resolution must be >= 0 (0: off), got {self.output_resolution}")
         if self.num_denoising_steps < 1:
-            raise ValueError(f"tokenizer config: num_denoising_steps must be >= 1, got {self.num_denoising_steps}")
+            raise UsageError(f"tokenizer config: num_denoising_steps must be >= 1, got {self.num_denoising_steps}")
         if self.num_all_queries > self.query_table_size:
             self.query_table_size = self.num_all_queries
         H, W = self.image_size
         for name, p in (("encoder_patch_size", self.encoder_patch_size), ("diff_decoder.patch_size", self.diff_decoder.patch_size)):
             if H % p or W % p:
-                raise ValueError(f"tokenizer config: image size {H}x{W} is not divisible by {name}={p}")
+                raise UsageError(f"tokenizer config: image size {H}x{W} is not divisible by {name}={p}")
         for name, d in (("encoder_dim", self.encoder_dim), ("decoder_dim", self.decoder_dim), ("diff_decoder.dim", self.diff_decoder.dim)):
             if d % self.head_dim:
-                raise ValueError(f"tokenizer config: {name}={d} is not a multiple of head_dim={self.head_dim}")
+                raise UsageError(f"tokenizer config: {name}={d} is not a multiple of head_dim={self.head_dim}")
         return self
 
     def to_dict(self) -> dict:

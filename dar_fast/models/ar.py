@@ -49,6 +49,7 @@ class Attention(nn.Module):
         self.n_head, self.n_kv, self.hd = cfg.n_head, cfg.kv_heads, cfg.head_dim
         self.wqkv = nn.Linear(cfg.dim, (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.rope_base = float(cfg.rope_base)   # released ModelArgs.rope_base (LlamaGen default 10000)
         self.attn_dropout_p = cfg.attn_dropout_p
         self.resid_dropout = nn.Dropout(cfg.resid_dropout_p)
         self.kv_cache: Optional[KVCache] = None
@@ -61,7 +62,7 @@ class Attention(nn.Module):
         q = qkv[..., :Hq * hd].view(B, T, Hq, hd)
         k = qkv[..., Hq * hd:(Hq + Hk) * hd].view(B, T, Hk, hd)
         v = qkv[..., (Hq + Hk) * hd:].view(B, T, Hk, hd)
-        q, k = ops.apply_rope(q, k, rope_pos)
+        q, k = ops.apply_rope(q, k, rope_pos, self.rope_base)
         if input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k.transpose(1, 2), v.transpose(1, 2))   # (B,Hk,L,hd)
             k, v = k.transpose(1, 2), v.transpose(1, 2)                                  # (B,L,Hk,hd)

@@ -41,18 +41,19 @@ class DiTBlock(nn.Module):
     it is never added to x.
     """
 
-    def __init__(self, dim: int, head_dim: int = 64):
+    def __init__(self, dim: int, head_dim: int = 64, rope_base: float = 10000.0, own_time_embed: bool = True):
         super().__init__()
-        self.time_embed = TimestepEmbedder(dim)
+        # share_time_encoding (released): one embedder in the net, none per block
+        self.time_embed = TimestepEmbedder(dim) if own_time_embed else None
         self.cond_embed = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
-        self.cross_attn = Attention(dim, head_dim)
-        self.attention = Attention(dim, head_dim)
+        self.cross_attn = Attention(dim, head_dim, rope_base)
+        self.attention = Attention(dim, head_dim, rope_base)
         self.mlp = Mlp(dim, 4 * dim)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def forward(self, x, t, cond, pos):
-        # x (B,T,D) pixel tokens; t (B,) shifted time; cond (B,G,D) group tokens; pos (T,2) grid
-        temb = self.time_embed(t)                                         # (B,D)
+        # x (B,T,D) pixel tokens; t (B,) shifted time, or (B,D) its shared embedding; cond (B,G,D); pos (T,2)
+        temb = self.time_embed(t) if self.time_embed is not None else t   # (B,D)
         c = layer_norm(self.cond_embed(cond))                             # (B,G,D)
         h = layer_norm(x)
         ca = self.cross_attn(h, context=c, pos=pos)                       # (B,T,D), RoPE on queries only
@@ -60,6 +61,20 @@ class DiTBlock(nn.Module):
         sa, ca_, ga, sm, cm, gm = mod.chunk(6, dim=-1)
         x = x + ga * self.attention(h * (1 + ca_) + sa, pos=pos)
         return x + gm * self.mlp(layer_norm(x) * (1 + cm) + sm)
+
+
+class FinalLayer(nn.Module):
+    """Released `mlp_head` output: LN (no affine) modulated by the shared time embedding, then Linear."""
+
+    def __init__(self, dim: int, out: int):
+        super().__init__()
+        self.linear = nn.Linear(dim, out)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x, temb):
+        # x (B,T,D) tokens; temb (B,D) time embedding
+        shift, scale = self.adaLN_modulation(temb)[:, None].chunk(2, dim=-1)
+        return self.linear(layer_norm(x) * (1 + scale) + shift)
 
 
 class DiffusionNet(nn.Module):
@@ -71,8 +86,16 @@ class DiffusionNet(nn.Module):
         p, D = cfg.patch_size, cfg.dim
         self.conv_in = nn.Conv2d(cfg.in_dim * p * p, D, 1)
         self.cond_mlp = nn.Linear(cfg.cond_dim, D)
-        self.blocks = nn.ModuleList([DiTBlock(D, head_dim) for _ in range(cfg.depth)])
-        self.conv_out = nn.Conv2d(D, cfg.out_dim * p * p, 1)
+        share = cfg.share_time_encoding
+        self.time_embed = TimestepEmbedder(D) if share else None
+        self.blocks = nn.ModuleList([DiTBlock(D, head_dim, cfg.rope_base_len, own_time_embed=not share)
+                                     for _ in range(cfg.depth)])
+        if cfg.mlp_head:      # released FinalLayer: time-modulated LayerNorm, then Linear (validate() needs share)
+            self.linear_out = FinalLayer(D, cfg.out_dim * p * p)
+            self.conv_out = None
+        else:
+            self.conv_out = nn.Conv2d(D, cfg.out_dim * p * p, 1)
+            self.linear_out = None
         self.repa_out = (nn.Sequential(nn.Linear(D, cfg.repa_hidden), nn.SiLU(), nn.Linear(cfg.repa_hidden, cfg.repa_hidden),
                                        nn.SiLU(), nn.Linear(cfg.repa_hidden, cfg.repa_dim))
                          if repa_head and cfg.repa_layer < cfg.depth else None)
@@ -93,6 +116,8 @@ class DiffusionNet(nn.Module):
         x = x.view(B, C, h, p, w, p).permute(0, 1, 3, 5, 2, 4).reshape(B, C * p * p, h, w)
         x = self.conv_in(x).flatten(2).transpose(1, 2)                    # (B,hw,D)
         cond = layer_norm(self.cond_mlp(cond))                            # (B,G,D)
+        if self.time_embed is not None:
+            t = self.time_embed(t)                                        # (B,D), shared by every block
         pos = self.grid_pos(h, w, x.device)
         repa = None
         for i, blk in enumerate(self.blocks):
@@ -102,8 +127,11 @@ class DiffusionNet(nn.Module):
                 x = checkpoint(blk, x, t, cond, pos, use_reentrant=False)
             else:
                 x = blk(x, t, cond, pos)
-        x = layer_norm(x).transpose(1, 2).reshape(B, -1, h, w)
-        x = self.conv_out(x)                                              # (B, C*p*p, h, w)
+        x = layer_norm(x)
+        if self.linear_out is not None:
+            x = self.linear_out(x, t).transpose(1, 2).reshape(B, -1, h, w)  # (B, C*p*p, h, w)
+        else:
+            x = self.conv_out(x.transpose(1, 2).reshape(B, -1, h, w))      # (B, C*p*p, h, w)
         Co = self.cfg.out_dim
         # b (c p1 p2) h w -> b c (h p1) (w p2)
         v = x.view(B, Co, p, p, h, w).permute(0, 1, 4, 2, 5, 3).reshape(B, Co, H, W)

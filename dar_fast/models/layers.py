@@ -23,9 +23,10 @@ class Attention(nn.Module):
     (RoPE then rotates the queries only: the keys are condition tokens without a grid).
     """
 
-    def __init__(self, dim: int, head_dim: int = 64):
+    def __init__(self, dim: int, head_dim: int = 64, rope_base: float = 10000.0):
         super().__init__()
         self.num_heads, self.head_dim = dim // head_dim, head_dim
+        self.rope_base = float(rope_base)   # the released `rope_base_len` (theta of the 2D RoPE)
         self.q = nn.Linear(dim, dim)
         self.k = nn.Linear(dim, dim)
         self.v = nn.Linear(dim, dim)
@@ -43,7 +44,7 @@ class Attention(nn.Module):
         k = self.k_norm(self.k(ctx).view(B, S, self.num_heads, self.head_dim))    # (B,S,H,hd)
         v = self.v(ctx).view(B, S, self.num_heads, self.head_dim)
         if pos is not None:
-            q, k_rot = ops.apply_rope(q, k if context is None else None, pos)
+            q, k_rot = ops.apply_rope(q, k if context is None else None, pos, self.rope_base)
             if context is None:
                 k = k_rot
         if cache is not None:
@@ -74,10 +75,10 @@ class Mlp(nn.Module):
 class GatedBlock(nn.Module):
     """Pre-LN block with per-channel residual gates: x += g1 * attn(LN(x)); x += g2 * mlp(LN(x))."""
 
-    def __init__(self, dim: int, head_dim: int = 64):
+    def __init__(self, dim: int, head_dim: int = 64, rope_base: float = 10000.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
-        self.attention = Attention(dim, head_dim)
+        self.attention = Attention(dim, head_dim, rope_base)
         self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
         self.mlp = Mlp(dim, 4 * dim)
         # the released code zero-initialises the gates (each block starts as identity)

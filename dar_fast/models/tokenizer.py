@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from dar_fast import ops
 from dar_fast.config import TokenizerConfig
+from dar_fast.errors import UsageError
 from dar_fast.models.diffusion import DiffusionNet, sampling_times, step_groups, step_query_starts
 from dar_fast.models.layers import GatedBlock, layer_norm
 
@@ -37,6 +38,18 @@ class VectorQuantizer(nn.Module):
         return F.normalize(self.embedding(codes), dim=-1)
 
 
+class L2Bottleneck(nn.Module):
+    """`vq_enable: false`: the released "LNBottleneck", an l2 normalisation of each vq_dim vector
+    (no parameters, no codes); the decoder layers read the normalised vectors directly."""
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return F.normalize(z, dim=-1)
+
+
+# the released low-rank query table is 8 wide whatever vq_dim is
+QUERY_LOW_RANK_DIM = 8
+
+
 class Tokenizer(nn.Module):
     def __init__(self, cfg: TokenizerConfig):
         super().__init__()
@@ -45,14 +58,14 @@ class Tokenizer(nn.Module):
         De, Dd, hd = cfg.encoder_dim, cfg.decoder_dim, cfg.head_dim
         self.patchify = nn.Conv2d(3, De, cfg.encoder_patch_size, stride=cfg.encoder_patch_size)
         if cfg.query_low_rank:
-            self.query_embedding = nn.Embedding(cfg.query_table_size, cfg.vq_dim)
-            self.query_linear = nn.Linear(cfg.vq_dim, De)
+            self.query_embedding = nn.Embedding(cfg.query_table_size, QUERY_LOW_RANK_DIM)
+            self.query_linear = nn.Linear(QUERY_LOW_RANK_DIM, De)
         else:
             self.query_embedding = nn.Embedding(cfg.query_table_size, De)
             self.query_linear = None
-        self.encoder_layers = nn.ModuleList([GatedBlock(De, hd) for _ in range(cfg.num_encoder_layers)])
+        self.encoder_layers = nn.ModuleList([GatedBlock(De, hd, cfg.rope_base_len) for _ in range(cfg.num_encoder_layers)])
         self.quant_in_conv = nn.Conv2d(De, cfg.vq_dim, 1, bias=False)
-        self.quantize = VectorQuantizer(cfg.vq_codebook_size, cfg.vq_dim)
+        self.quantize = VectorQuantizer(cfg.vq_codebook_size, cfg.vq_dim) if cfg.vq_enable else L2Bottleneck()
         self.quant_out_conv = nn.Conv2d(cfg.vq_dim, Dd, 1, bias=False)
         self.decoder_embedding = nn.Embedding(cfg.query_table_size, Dd)
         self.decoder_layers = nn.ModuleList([GatedBlock(Dd, hd) for _ in range(cfg.num_decoder_layers)])
@@ -100,7 +113,7 @@ class Tokenizer(nn.Module):
     def check_steps(self, steps: Optional[int]) -> int:
         S = self.cfg.num_denoising_steps if steps is None else steps
         if isinstance(S, bool) or not isinstance(S, int) or S < 1:
-            raise ValueError(f"steps must be a positive integer (diffusion steps), got {steps!r}")
+            raise UsageError(f"steps must be a positive integer (diffusion steps), got {steps!r}")
         return S
 
     def schedule(self, steps: Optional[int] = None):
@@ -118,25 +131,24 @@ class Tokenizer(nn.Module):
     # ------------------------------------------------------------------ checks
     def check_images(self, images: torch.Tensor):
         if not torch.is_tensor(images) or images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must be a (B,3,H,W) tensor, got {tuple(images.shape) if torch.is_tensor(images) else type(images).__name__}")
+            raise UsageError(f"images must be a (B,3,H,W) tensor, got {tuple(images.shape) if torch.is_tensor(images) else type(images).__name__}")
         H, W = images.shape[-2:]
         p = self.cfg.encoder_patch_size
         if H % p or W % p:
-            raise ValueError(f"image size {H}x{W} is not divisible by the encoder patch size {p}")
-        if (H, W) != self.image_size:
-            raise ValueError(f"image size {H}x{W} does not match the tokenizer's configured size "
-                             f"{self.image_size[0]}x{self.image_size[1]}")
+            raise UsageError(f"image size {H}x{W} is not divisible by the encoder patch size {p}")
+        # any size: the 2D RoPE grid grows with the image, as released
 
     def check_codes(self, codes: torch.Tensor, full: bool = True):
+        self.check_vq("decode")
         if not torch.is_tensor(codes) or codes.dim() != 2 or codes.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"codes must be a (B,N) integer tensor, got "
+            raise UsageError(f"codes must be a (B,N) integer tensor, got "
                              f"{(tuple(codes.shape), codes.dtype) if torch.is_tensor(codes) else type(codes).__name__}")
         if full and codes.shape[1] != self.num_tokens:
-            raise ValueError(f"codes have {codes.shape[1]} tokens per image; this tokenizer uses {self.num_tokens}")
+            raise UsageError(f"codes have {codes.shape[1]} tokens per image; this tokenizer uses {self.num_tokens}")
         if codes.shape[1] > self.num_tokens:
-            raise ValueError(f"codes have {codes.shape[1]} tokens per image; at most {self.num_tokens}")
+            raise UsageError(f"codes have {codes.shape[1]} tokens per image; at most {self.num_tokens}")
         if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.codebook_size):
-            raise ValueError(f"codes out of the codebook: values in [{int(codes.min())}, {int(codes.max())}], "
+            raise UsageError(f"codes out of the codebook: values in [{int(codes.min())}, {int(codes.max())}], "
                              f"codebook size {self.codebook_size}")
 
     # ------------------------------------------------------------------ encoder
@@ -167,10 +179,25 @@ class Tokenizer(nn.Module):
         z = layer_norm(x[:, h * w:])                                          # (B,N,De)
         return F.linear(z, self.quant_in_conv.weight.flatten(1))              # 1x1 conv == linear, (B,N,vq_dim)
 
+    def check_vq(self, what: str):
+        if not self.cfg.vq_enable:
+            raise UsageError(f"{what}: this tokenizer has vq_enable: false (continuous l2-normalised latents, the "
+                             "released LNBottleneck): it has no discrete codes; use reconstruct(images)")
+
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """(B,3,H,W) float in [-1,1] -> (B,N) int64 codes."""
+        """(B,3,H,W) float in [-1,1], H and W divisible by the encoder patch -> (B,N) int64 codes."""
+        self.check_vq("encode")
         return self.quantize.codes(self.encode_latents(images))
+
+    @torch.no_grad()
+    def latent_vectors(self, images: torch.Tensor) -> torch.Tensor:
+        """(B,3,H,W) -> (B,N,vq_dim) the vectors the decoder layers read: normalised codebook rows
+        (VQ) or the l2-normalised latents (vq_enable: false)."""
+        z = self.encode_latents(images)
+        if self.cfg.vq_enable:
+            return self.quantize.lookup(self.quantize.codes(z)).to(self.dtype)
+        return self.quantize(z)
 
     # ------------------------------------------------------------------ decoder side
     def code_vectors(self, codes: torch.Tensor) -> torch.Tensor:
@@ -229,7 +256,7 @@ class Tokenizer(nn.Module):
         H, W = max(H0, int(H)), max(W0, int(W))
         p = self.cfg.diff_decoder.patch_size
         if H % p or W % p:
-            raise ValueError(f"decode size {H}x{W} is not divisible by the diffusion patch size {p}")
+            raise UsageError(f"decode size {H}x{W} is not divisible by the diffusion patch size {p}")
         return H, W
 
     def initial_noise(self, batch: int, generator: Optional[torch.Generator] = None, size=None) -> torch.Tensor:
@@ -249,7 +276,7 @@ class Tokenizer(nn.Module):
         if not torch.is_tensor(noise) or noise.dim() != 4 or noise.shape[0] != batch or noise.shape[1] != 3 \
                 or noise.shape[2] % p or noise.shape[3] % p:
             got = tuple(noise.shape) if torch.is_tensor(noise) else type(noise).__name__
-            raise ValueError(f"noise must be a ({batch},3,H,W) tensor with H and W divisible by the diffusion "
+            raise UsageError(f"noise must be a ({batch},3,H,W) tensor with H and W divisible by the diffusion "
                              f"patch size {p}, got {got}")
 
     @torch.no_grad()
@@ -269,22 +296,40 @@ class Tokenizer(nn.Module):
         dtype). Afterwards `output_resolution` applies (`resize_output`).
         """
         self.check_codes(codes, full=True)
-        S = self.check_steps(steps)
-        K = self.num_groups
+        S, clip_steps = self._check_decode_args(steps, solver, clip_steps, groups)
+        return self._integrate(self.cond(codes), codes.shape[0], noise, generator, size, S, solver, clip_steps)
+
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor, noise: Optional[torch.Tensor] = None, steps: Optional[int] = None,
+                    solver: str = "adams2", clip_steps: Optional[int] = None,
+                    generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Encode then decode (the released `straight_forward`), also for `vq_enable: false` tokenizers.
+
+        Decodes at the image's size raised to at least sampling_resolution (or at the noise's size);
+        options as in `decode`."""
+        S, clip_steps = self._check_decode_args(steps, solver, clip_steps, None)
+        cond = self.cond_from_vectors(self.latent_vectors(images))
+        return self._integrate(cond, images.shape[0], noise, generator, tuple(images.shape[-2:]), S, solver, clip_steps)
+
+    def _check_decode_args(self, steps, solver, clip_steps, groups):
+        S, K = self.check_steps(steps), self.num_groups
         if solver not in ("adams2", "euler"):
-            raise ValueError(f"solver must be 'adams2' or 'euler', got {solver!r}")
+            raise UsageError(f"solver must be 'adams2' or 'euler', got {solver!r}")
         if groups is not None:
             if clip_steps is not None:
-                raise ValueError("give clip_steps or groups, not both")
+                raise UsageError("give clip_steps or groups, not both")
             if S != K:
-                raise ValueError(f"groups= counts groups and needs steps == num_query_groups ({K}); with "
+                raise UsageError(f"groups= counts groups and needs steps == num_query_groups ({K}); with "
                                  f"steps={S} use clip_steps (it counts steps)")
             if isinstance(groups, bool) or not isinstance(groups, int) or not 1 <= groups <= K:
-                raise ValueError(f"groups must be in [1, {K}], got {groups!r}")
+                raise UsageError(f"groups must be in [1, {K}], got {groups!r}")
             clip_steps = groups
         if clip_steps is not None and (isinstance(clip_steps, bool) or not isinstance(clip_steps, int) or clip_steps < 1):
-            raise ValueError(f"clip_steps must be a positive integer, got {clip_steps!r}")
-        B = codes.shape[0]
+            raise UsageError(f"clip_steps must be a positive integer, got {clip_steps!r}")
+        return S, clip_steps
+
+    def _integrate(self, cond, B, noise, generator, size, S, solver, clip_steps):
+        """The released sampler: S steps (or the first clip_steps, the last to t = 1) in float32."""
         if noise is None:
             noise = self.initial_noise(B, generator, size)
         else:
@@ -293,7 +338,6 @@ class Tokenizer(nn.Module):
         ts, _ = self.schedule(S)
         starts = self.query_starts(S)
         G = self.group_size
-        cond = self.cond(codes)
         x, v_prev = noise.to(self.device, torch.float32), None
         for i in range(n):
             v = self.velocity(x, ts[i], cond[:, starts[i]:starts[i] + G])
