@@ -21,6 +21,7 @@ RESULT_KEYS = {"case", "impl", "ms", "ms_p20", "ms_p80", "method", "bytes", "gbp
     ("flow_step", {"euler (2, 3, 16, 16)", "ab (2, 3, 16, 16)", "ab_uint8 (2, 3, 16, 16)"}),
     ("rms_norm", {"ar_decode fused residual", "train fwd+bwd"}),
     ("swiglu", {"ar_decode", "train fwd+bwd"}),
+    ("adaln", {"modulate", "gated+modulate", "gated+modulate fwd+bwd"}),
 ])
 def test_bench_smoke(tmp_path, name, cases):
     out = tmp_path / f"{name}.json"

@@ -116,3 +116,26 @@ def test_swiglu_compiles(dtype):
                                         sg="i32", sdx="i32"), dict(BLOCK=1024),
                               div16=("x_ptr", "g_ptr", "dx_ptr", "H", "sx", "sg", "sdx"))
     assert cubin and "div.full" not in ptx
+
+
+@pytest.mark.parametrize("dtype,gated,norm,mod", [("bf16", True, True, True), ("bf16", False, True, True),
+                                                  ("fp32", True, True, False), ("bf16", False, False, True)])
+def test_adaln_compiles(dtype, gated, norm, mod):
+    from dar_fast.kernels import adaln as am
+    fwd, bwd = am._kernels(False)
+    p = f"*{dtype}"
+    ints = ("T", "C", "sgb", "sgt", "sshb", "ssht", "sscb", "ssct")
+    ptx, cubin = compile_sm90(fwd, dict(x_ptr=p, g_ptr=p, y_ptr=p, sh_ptr=p, sc_ptr=p, h_ptr=p, o_ptr=p,
+                                        mean_ptr="*fp32", rstd_ptr="*fp32", eps="fp32", **{n: "i32" for n in ints}),
+                              dict(GATED=gated, NORM=norm, MOD=mod, BLOCK_C=1024),
+                              div16=("x_ptr", "g_ptr", "y_ptr", "sh_ptr", "sc_ptr", "h_ptr", "o_ptr", "C", "sgb",
+                                     "sgt", "sshb", "ssht", "sscb", "ssct"))
+    assert cubin and "div.full" not in ptx and "sqrt.approx" not in ptx
+    assert re.search(r"ld\.global(\.nc)?\.v[24]", ptx)
+    ints = ("T", "C", "sgb", "sgt", "sscb", "ssct")
+    ptx, cubin = compile_sm90(bwd, dict(h_ptr=p, g_ptr=p, y_ptr=p, sc_ptr=p, mean_ptr="*fp32", rstd_ptr="*fp32",
+                                        go_ptr=p, gh_ptr=p, dh_ptr=p, dsc_ptr=p, dy_ptr=p, dg_ptr=p,
+                                        **{n: "i32" for n in ints}),
+                              dict(GATED=gated, NORM=norm, MOD=mod, HAS_GH=gated, BLOCK_C=1024),
+                              div16=("h_ptr", "go_ptr", "dh_ptr", "C"))
+    assert cubin and "div.full" not in ptx
