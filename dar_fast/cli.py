@@ -19,6 +19,7 @@ _SUBCOMMANDS = [
     "dar_fast.eval.cli",
     "dar_fast.commands.bench",
     "dar_fast.training.cli",
+    "dar_fast.serve.command",
 ]
 
 
