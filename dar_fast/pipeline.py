@@ -10,13 +10,12 @@ any batch, on any device, up to float rounding of the pixels.
 """
 from __future__ import annotations
 
-import os
 from typing import Iterator, Optional
 
 import torch
 
 from dar_fast import engine, ops
-from dar_fast.engine import StreamStep, _GraphedDecode  # noqa: F401  (StreamStep is public API)
+from dar_fast.engine import StreamStep  # noqa: F401  (StreamStep is public API)
 from dar_fast.models import ARModel, Tokenizer
 from dar_fast.sampler import (CFG, SampleOutput, cfg_schedule, check_compatible, check_labels, check_prefix,
                               check_sampling_args)
@@ -32,20 +31,20 @@ class Pipeline:
 
     pipe = Pipeline(tokenizer=tok, ar=ar)                       # models as loaded (device/dtype kept)
     pipe = Pipeline.from_pretrained(tok_ckpt, ar_ckpt)          # bf16 on GPU, float32 on CPU by default
-    out = pipe.sample(labels, cfg=4.0, seed=0)                  # out.images (B,H,W,3) uint8, out.tokens (B,N)
+    out = pipe.sample(labels, seed=0)                           # out.images (B,H,W,3) uint8, out.tokens (B,N)
+    out.settings                                                # cfg etc. used: given, else the model's, else defaults
     """
 
-    def __init__(self, tokenizer: Tokenizer, ar: ARModel, use_cuda_graphs: Optional[bool] = None):
+    def __init__(self, tokenizer: Tokenizer, ar: ARModel, use_cuda_graphs: Optional[bool] = None,
+                 compile: Optional[bool] = None):
         check_compatible(tokenizer, ar)
         self.tok, self.ar = tokenizer.eval(), ar.eval()
+        # the sampling settings the checkpoints recommend (dar_fast.defaults); a call's own values win
+        self.defaults = {**getattr(self.tok, "sampling", {}), **getattr(self.ar, "sampling", {})}
         if self.tok.device != self.ar.device:
             raise ValueError(f"tokenizer on {self.tok.device} but AR model on {self.ar.device}: put them on one device")
-        on_cuda = self.ar.device.type == "cuda"
-        env = os.environ.get("DAR_FAST_CUDA_GRAPHS")
-        self.use_cuda_graphs = on_cuda and (use_cuda_graphs if use_cuda_graphs is not None else env != "0")
-        self._graphs = {}
-        self._graph_cache_ptr = None
-        self._graph_class = _GraphedDecode     # tests swap in an eager stand-in to check the buffer logic on CPU
+        # eager | compiled | captured (engine.default_mode: CUDA captures, CPU compiles only when asked)
+        self.engine_mode = engine.default_mode(self.ar.device, compile, use_cuda_graphs)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -96,23 +95,36 @@ class Pipeline:
         return ops.images_to_uint8(img.float()).cpu()
 
     # ------------------------------------------------------------------ sampling
-    def sample(self, labels, cfg: CFG = 4.0, seed=0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-               prefix_tokens=None, sample_ids=None) -> SampleOutput:
+    def settings(self, **given) -> dict:
+        """The sampling settings a call with these arguments uses: each given (non-None) value, else the model's
+        recommended one (`self.defaults`, from its checkpoint or preset), else `dar_fast.defaults.LIBRARY_DEFAULTS`."""
+        from dar_fast.defaults import resolve
+        return resolve(self.defaults, **given)[0]
+
+    def sample(self, labels, cfg: Optional[CFG] = None, seed=0, temperature=None, top_k=None, top_p=None,
+               prefix_tokens=None, sample_ids=None, steps: Optional[int] = None,
+               solver: Optional[str] = None) -> SampleOutput:
         last = None
         for last in self.stream(labels, cfg=cfg, seed=seed, temperature=temperature, top_k=top_k, top_p=top_p,
-                                prefix_tokens=prefix_tokens, sample_ids=sample_ids, previews=False):
+                                prefix_tokens=prefix_tokens, sample_ids=sample_ids, previews=False, steps=steps,
+                                solver=solver):
             pass
-        return SampleOutput(images=last.preview, tokens=last.tokens)
+        return SampleOutput(images=last.preview, tokens=last.tokens,
+                            settings=self.settings(cfg=cfg, temperature=temperature, top_k=top_k, top_p=top_p))
 
     @torch.no_grad()
-    def stream(self, labels, cfg: CFG = 4.0, seed=0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-               prefix_tokens=None, sample_ids=None, previews: bool = True,
+    def stream(self, labels, cfg: Optional[CFG] = None, seed=0, temperature=None, top_k=None, top_p=None,
+               prefix_tokens=None, sample_ids=None, previews: bool = True, steps: Optional[int] = None,
+               solver: Optional[str] = None,
                profile: Optional[dict] = None) -> Iterator[StreamStep]:
-        """Yield a StreamStep after every group; the last step's preview is the final image.
+        """Yield a StreamStep after every diffusion step (steps: default the tokenizer's; solver: "adams2"
+        (default) or "euler"); the last step's preview is the final image, its tokens all N tokens.
 
         profile: a dict that receives seconds spent in 'ar' (prefill + decode steps) and 'tokenizer'
         (decoder layers + diffusion steps + previews); it synchronises the device, so use it to measure only."""
         tok, ar = self.tok, self.ar
+        s = self.settings(cfg=cfg, temperature=temperature, top_k=top_k, top_p=top_p)
+        cfg, temperature, top_k, top_p = s["cfg"], s["temperature"], s["top_k"], s["top_p"]
         labels = check_labels(ar, labels)
         B, N = labels.numel(), tok.num_tokens
         if B == 0:
@@ -121,4 +133,8 @@ class Pipeline:
         prefix = check_prefix(tok, prefix_tokens, B)
         seeds, ids = resolve_keys(seed, B, sample_ids)
         scales = cfg_schedule(cfg, N)
-        return engine.stream(self, labels, seeds, ids, scales, temperature, top_k, top_p, prefix, previews, profile)
+        tok.check_steps(steps)
+        if solver not in (None, "adams2", "euler"):
+            raise ValueError(f"solver must be 'adams2' or 'euler', got {solver!r}")
+        return engine.stream(self, labels, seeds, ids, scales, temperature, top_k, top_p, prefix, previews, profile,
+                             steps=steps, solver=solver)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from dar_fast import ops
+from dar_fast import engine, ops
 from dar_fast.pipeline import Pipeline
 from dar_fast.sampler import cfg_schedule, reference_sample
 from dar_fast.seeding import resolve_keys, sample_noise
@@ -137,11 +137,13 @@ def test_cuda_graphs_equal_eager_float32():
     tok = tiny_tokenizer(seed=1).cuda()
     ar = tiny_ar(seed=2, vocab_size=tok.codebook_size, block_size=tok.num_tokens).cuda()
     fast = Pipeline(tokenizer=tok, ar=ar, use_cuda_graphs=True)
-    eager = Pipeline(tokenizer=tok, ar=ar, use_cuda_graphs=False)
+    eager = Pipeline(tokenizer=tok, ar=ar, compile=False)
+    assert fast.engine_mode == "captured" and eager.engine_mode == "eager"
     labels = [0, 1, 2, 3]
     for cfg in (4.0, (1.1, 6.0)):
         a, b = fast.sample(labels, cfg=cfg, seed=1), eager.sample(labels, cfg=cfg, seed=1)
-        assert fast._graphs, "the decode step was not captured"
+        st = engine.status(fast)
+        assert not st["fallbacks"] and {o["mode"] for o in st["objects"]} == {"captured"}, st
         assert torch.equal(a.tokens, b.tokens)
         assert _img_close(a.images, b.images)
     # and equal to the CPU reference
@@ -150,26 +152,55 @@ def test_cuda_graphs_equal_eager_float32():
     assert torch.equal(fast.sample(labels, cfg=4.0, seed=1).tokens, cpu.tokens)
 
 
-def test_graph_buffer_logic_on_cpu(models):
-    """The captured decode step's static-buffer logic (device position counter, in-graph token writes, state
-    copied in and out per group), replayed eagerly on CPU: the same tokens as the plain engine."""
-    from dar_fast import pipeline as pl
-
-    class EagerGraph(pl._GraphedDecode):
-        def _capture(self):
-            pass
-
-        def _replay(self):
-            self._step()
-
+def test_capture_variant_on_cpu(models):
+    """The step the CUDA graph replays (device-side position and length, no host ints), run eagerly on CPU:
+    the same tokens as the reference and the same images as the plain engine."""
     tok, ar, plain = models
-    graphed = Pipeline(tokenizer=tok, ar=ar)
-    graphed.use_cuda_graphs = True
-    graphed._graph_class = EagerGraph
+    static = Pipeline(tokenizer=tok, ar=ar)
     labels = [3, 0, 4]
     prefix = torch.randint(0, tok.codebook_size, (3, 5))
     for kw in (dict(cfg=4.0), dict(cfg=(1.1, 6.0), top_k=5), dict(cfg=1.0), dict(cfg=2.0, prefix_tokens=prefix)):
-        a, b = graphed.sample(labels, seed=2, **kw), plain.sample(labels, seed=2, **kw)
+        list(static.stream(labels, seed=2, previews=False, **kw))             # builds the step objects
+        for o in static._engine_steps.values():
+            o.static = True
+        a, b = static.sample(labels, seed=2, **kw), plain.sample(labels, seed=2, **kw)
         assert torch.equal(a.tokens, b.tokens), kw
+        assert torch.equal(a.tokens, reference_sample(tok, ar, labels, seed=2, **kw).tokens), kw
         assert torch.equal(a.images, b.images)
-    assert graphed._graphs, "the graphed decode path was not taken"
+
+
+@pytest.mark.parametrize("steps,solver", [(None, "euler"), (2, None), (7, "adams2"), (3, "euler")])
+def test_steps_and_solver(models, steps, solver):
+    """S diffusion steps (fewer or more than the K groups), either solver: one StreamStep per step whose
+    preview is Tokenizer.decode(clip_steps=i+1); tokens equal the reference; the final image its decode."""
+    tok, ar, pipe = models
+    labels = [1, 2]
+    S = steps or tok.cfg.num_denoising_steps
+    out = list(pipe.stream(labels, cfg=3.0, seed=4, steps=steps, solver=solver))
+    times, groups = tok.schedule(steps)
+    assert [s.step for s in out] == list(range(S)) and [s.group for s in out] == groups
+    ref = reference_sample(tok, ar, labels, cfg=3.0, seed=4)
+    assert torch.equal(out[-1].tokens, ref.tokens)
+    seeds, ids = resolve_keys(4, 2)
+    noise = sample_noise(seeds, ids, (3, *tok.image_size))
+    for s in out[:-1]:
+        assert s.tokens.shape[1] >= (s.group + 1) * tok.group_size
+        assert torch.equal(s.tokens, ref.tokens[:, :s.tokens.shape[1]])
+    for s in out:
+        img = tok.decode(ref.tokens, noise=noise, steps=S, solver=solver or "adams2", clip_steps=s.step + 1)
+        assert _img_close(s.preview, ops.images_to_uint8(img)), s.step
+    final = pipe.sample(labels, cfg=3.0, seed=4, steps=steps, solver=solver)
+    assert torch.equal(final.images, out[-1].preview) and torch.equal(final.tokens, ref.tokens)
+    with pytest.raises(ValueError, match="solver"):
+        pipe.sample(labels, solver="heun")
+    with pytest.raises(ValueError, match="steps"):
+        pipe.sample(labels, steps=0)
+
+
+def test_results_are_not_overwritten_by_the_next_call(models):
+    """The engine's buffers are static: what a call returned must be a copy."""
+    tok, ar, pipe = models
+    a = pipe.sample([0, 1], cfg=2.0, seed=1)
+    keep_t, keep_i = a.tokens.clone(), a.images.clone()
+    pipe.sample([2, 3], cfg=2.0, seed=9)
+    assert torch.equal(a.tokens, keep_t) and torch.equal(a.images, keep_i)

@@ -211,6 +211,18 @@ class ARModel(nn.Module):
         self.cache_batch, self.cache_len = batch, length
         self.register_buffer("causal_mask", torch.ones(length, length, dtype=torch.bool, device=device).tril(), persistent=False)
 
+    def install_cache(self, caches, batch: int):
+        """Use the given KVCache modules (one per layer, from an earlier setup_cache): the engine owns
+        its buffers, so captured graphs keep their addresses whatever else ran on the model."""
+        length = caches[0].k_cache.shape[2]
+        for layer, c in zip(self.layers, caches):
+            layer.attention.kv_cache = c
+        if self.cache_len != length or getattr(self, "causal_mask", None) is None:
+            dev = caches[0].k_cache.device
+            self.register_buffer("causal_mask", torch.ones(length, length, dtype=torch.bool, device=dev).tril(),
+                                 persistent=False)
+        self.cache_batch, self.cache_len = batch, length
+
     def forward_cached(self, x: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         """x (B,T,D) embeddings at sequence slots input_pos (T,) -> logits (B,T,V); writes the cache."""
         if self.cache_batch != x.shape[0]:

@@ -1,0 +1,379 @@
+"""The engine's two step functions over static buffers: one AR decode step, one tokenizer step.
+
+`DecodeStep.step` is one pure function of buffers the object owns:
+    sample token j from the logits (CFG scale j, keyed by (seed, id, j))
+    -> tokens[:, j] = t -> embed -> L layers (K/V written at slot j+1, attention over the
+    used prefix) -> logits for token j+1 -> pos += 1
+and `TokenizerStep` has two: `cond_step` (the causal decoder layers on one new group, K/V
+cached) and `diffusion_step` (DiT velocity, flow step, optional uint8 preview). Each runs
+  * eager       the function as written (CPU default: compiling costs tens of seconds);
+  * compiled    torch.compile(fullgraph=True) of the same function; on CPU with dynamic shapes,
+                so the prefix length is a symbolic int and one graph serves every position;
+  * captured    (CUDA) a CUDA graph around the compiled function with static shapes: the prefix
+                length then lives on the device (`decode_attention` reads `pos`), so one graph
+                replays every decode position.
+Why our own capture and not compile's mode="reduce-overhead": the step mutates buffers the
+object owns (KV cache, tokens, pos); cudagraph trees copy graph inputs into their own static
+pool and skip graphs that mutate inputs ("skipping cudagraphs due to mutated inputs"), so they
+would either not capture or add a copy of every buffer per replay. Capturing the compiled
+function ourselves keeps one set of buffers and replays with zero copies.
+`static=True` runs the capture variant (device-side length, no host ints) eagerly: that is
+how the CPU tests check the logic the CUDA graph replays.
+"""
+from __future__ import annotations
+
+import math
+import struct
+import warnings
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from dar_fast import ops
+from dar_fast.kernels import sample_tokens as _st
+from dar_fast.models.layers import layer_norm
+
+
+def _f32(x: float) -> float:
+    try:
+        return struct.unpack("<f", struct.pack("<f", x))[0]
+    except OverflowError:
+        return math.inf
+
+
+def rope_cos_sin(num_pos: int, head_dim: int, base: float, device):
+    """(num_pos, head_dim/2) float32 cos and sin of 1D RoPE at positions 0..num_pos-1, built once.
+    Bit-identical to what the reference computes per call (same `rope_angles`, same cos/sin)."""
+    from dar_fast.kernels.rope import rope_angles
+    ang = rope_angles(torch.arange(num_pos, device=device, dtype=torch.int32)[:, None], head_dim, base)
+    return torch.cos(ang), torch.sin(ang)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B,T,H,D) rotated pairwise by cos/sin (T,D/2), in float32, as the RoPE reference does."""
+    xf = x.float().reshape(*x.shape[:-1], -1, 2)
+    x0, x1 = xf[..., 0], xf[..., 1]
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    return torch.stack([c * x0 - s * x1, s * x0 + c * x1], dim=-1).reshape(x.shape).to(x.dtype)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor):
+    """One query per row over the first lengths[0] cache slots, the length on the device (capture-safe).
+
+    q (B,H,1,hd), caches (B,Hk,L,hd), lengths (1,) int64 -> (B,H,1,hd). On CUDA the Triton decode
+    kernel reads only the used prefix when it is installed (dar_fast.kernels.decode_attention); here
+    the exact fallback: SDPA over all L slots with the unused ones masked by a comparison against the
+    device length (reads every slot; no host sync)."""
+    kern = _decode_kernel() if q.is_cuda else None
+    if kern is not None:
+        return kern(q, k_cache, v_cache, lengths)
+    L = k_cache.shape[2]
+    keep = torch.arange(L, device=q.device)[None, :] < lengths[:, None]        # (1, L)
+    return F.scaled_dot_product_attention(q, _rep(k_cache, q), _rep(v_cache, q), attn_mask=keep[None, None])
+
+
+def _decode_kernel():
+    try:
+        from dar_fast.kernels.decode_attention import decode_attention as kern  # the kernels helper's Triton op
+        return kern
+    except Exception:
+        return None
+
+
+def _rep(kv: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    Hq, Hk = q.shape[1], kv.shape[1]
+    return kv if Hq == Hk else kv.repeat_interleave(Hq // Hk, dim=1)
+
+
+def sample_op(c, u, scale, temperature, top_k, top_p, seeds, ids, positions):
+    """The keyed sampler. Eager: `ops.sample_tokens` (argument checks, reference fallback without the
+    extension). Under torch.compile: the registered op itself (its fake implementation keeps it in
+    the graph); the arguments were checked once when the step object was built."""
+    if torch.compiler.is_compiling():
+        return torch.ops.dar_fast.sample_tokens(c, u, None if u is None else scale, 1.0, temperature, top_k, top_p,
+                                                seeds, ids, positions, 0)
+    return ops.sample_tokens(c, u, cfg_scale=scale if u is not None else 1.0, temperature=temperature, top_k=top_k,
+                             top_p=top_p, seeds=seeds, sample_ids=ids, positions=positions)
+
+
+class _Runner:
+    """Mode handling shared by the step objects: eager, compiled, captured (see the module docstring)."""
+
+    def __init__(self, mode: str):
+        if mode not in ("eager", "compiled", "captured"):
+            raise ValueError(f"engine mode must be eager|compiled|captured, got {mode!r}")
+        self.mode = mode
+        self.fallback: Optional[str] = None      # why a faster mode was dropped (reported by the benchmark)
+        self._compiled = {}
+        self._graphs = {}
+
+    def _compile(self, name, fn, dynamic):
+        f = self._compiled.get(name)
+        if f is None:
+            f = torch.compile(fn, fullgraph=True, dynamic=dynamic)
+            self._compiled[name] = f
+        return f
+
+    def call(self, name: str, fn, *args):
+        """Run fn(*args) in this object's mode; `args` are Python ints (static per captured graph)."""
+        if self.mode == "eager":
+            return fn(*args)
+        try:
+            if self.mode == "compiled":
+                return self._compile(name, fn, dynamic=True)(*args)
+            key = (name, *args)
+            g = self._graphs.get(key)
+            if g is None:
+                f = self._compile(name, fn, dynamic=True)   # one compile; each capture fixes its ints
+                s = torch.cuda.Stream()
+                s.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(s):
+                    for _ in range(2):      # compile and warm kernels/allocator outside the capture
+                        self._warm(f, args)
+                torch.cuda.current_stream().wait_stream(s)
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    f(*args)
+                self._graphs[key] = g
+            g.replay()
+            return None
+        except Exception as e:   # a failed compile or capture costs speed, never results
+            self.fallback = f"{self.mode} failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); running eager"
+            warnings.warn("dar-fast engine: " + self.fallback)
+            self.mode = "eager"
+            self.restore()
+            return fn(*args)
+
+    def _warm(self, f, args):
+        """Warm-up runs mutate the buffers; subclasses snapshot and restore them around it."""
+        snap = self.snapshot()
+        try:
+            f(*args)
+        finally:
+            self.restore(snap)
+
+    def snapshot(self):
+        return None
+
+    def restore(self, snap=None):
+        pass
+
+
+class DecodeStep(_Runner):
+    """Static buffers and the AR decode step for one (batch, guidance, sampling settings)."""
+
+    def __init__(self, ar, batch: int, guided: bool, temperature: float, top_k: int, top_p: float, mode: str):
+        super().__init__(mode)
+        self.ar, self.B, self.guided = ar, batch, guided
+        self.rows = 2 * batch if guided else batch
+        N, dev = ar.num_tokens, ar.device
+        self.N = N
+        ar.setup_cache(self.rows)
+        self.caches = [layer.attention.kv_cache for layer in ar.layers]     # owned: reinstalled before each run
+        self.cache_len = ar.cache_len
+        self.pos = torch.zeros(1, dtype=torch.int64, device=dev)            # position j being sampled
+        self.logits = torch.zeros(self.rows, ar.vocab_size, dtype=torch.float32, device=dev)
+        self.tokens = torch.zeros(batch, N, dtype=torch.int64, device=dev)
+        self.seeds = torch.zeros(batch, dtype=torch.int64, device=dev)
+        self.ids = torch.zeros(batch, dtype=torch.int64, device=dev)
+        self.scales = torch.ones(N, dtype=torch.float32, device=dev)
+        # checked once here (the compiled op gets exactly what ops.sample_tokens would pass)
+        t32 = _f32(float(temperature))
+        self.settings = (t32 if mode != "eager" else float(temperature), int(top_k) if top_k < ar.vocab_size else 0,
+                         float(top_p))
+        self._eager_settings = (float(temperature), int(top_k), float(top_p))
+        base = getattr(ar.layers[0].attention, "rope_base", 10000.0)     # what the model rotates with
+        self.cos, self.sin = rope_cos_sin(self.cache_len, ar.cfg.head_dim, base, dev)
+        if mode != "eager" and _st.extension_status()["built"] is False:
+            self.fallback = "the C++ sampler op is not built (it is what the compiled graph calls); running eager"
+            self.mode = "eager"
+
+    def install(self):
+        """Make the AR model write and read this object's KV buffers (the prefill writes them too)."""
+        self.ar.install_cache(self.caches, self.rows)
+
+    def load(self, seeds, ids, scales, prefix: Optional[torch.Tensor]):
+        self.install()
+        self.seeds.copy_(seeds)
+        self.ids.copy_(ids)
+        if scales is None:
+            self.scales.fill_(1.0)
+        else:
+            self.scales.copy_(scales)
+        P = 0 if prefix is None else prefix.shape[1]
+        if P:
+            self.tokens[:, :P] = prefix
+        self.pos.fill_(P)
+        return P
+
+    def snapshot(self):
+        return (self.pos.clone(), self.logits.clone(), self.tokens.clone())
+
+    def restore(self, snap=None):
+        if snap is not None:
+            self.pos.copy_(snap[0])
+            self.logits.copy_(snap[1])
+            self.tokens.copy_(snap[2])
+
+    static = False      # tests set it: the captured variant (device-side length) run eagerly on CPU
+
+    def run(self, start: int, end: int):
+        """Tokens start..end-1 (pos must be at start); no host sync in between."""
+        for j in range(start, end):
+            if self.mode == "captured" or self.static:
+                self.call("decode_static", self.step_static)
+            else:
+                self.call("decode", self.step, j + 2)
+
+    # ------------------------------------------------------------------ the step itself
+    def step(self, n: int):
+        """n = j + 2 used cache slots after this step writes slot j+1 (class token + tokens 0..j)."""
+        self._step(n)
+
+    def step_static(self):
+        self._step(None)
+
+    def _step(self, n: Optional[int]):
+        ar, B = self.ar, self.B
+        j = self.pos
+        c, u = (self.logits[:B], self.logits[B:]) if self.guided else (self.logits, None)
+        scale = self.scales.index_select(0, j).expand(B)
+        temperature, top_k, top_p = self.settings if torch.compiler.is_compiling() else self._eager_settings
+        t = sample_op(c, u, scale, temperature, top_k, top_p, self.seeds, self.ids, j.expand(B))
+        self.tokens.index_copy_(1, j, t[:, None])
+        x = ar.tok_embeddings(torch.cat([t, t]) if self.guided else t)[:, None]          # (rows,1,D)
+        slot = j + 1                      # token j sits at sequence slot j+1 (slot 0: class token)
+        cos, sin = self.cos.index_select(0, slot), self.sin.index_select(0, slot)
+        for layer, cache in zip(ar.layers, self.caches):
+            x = self._block(layer, x, cos, sin, slot, cache, n)
+        self.logits.copy_(ar.head(x)[:, 0])
+        self.pos.add_(1)
+
+    @staticmethod
+    def _block(layer, x, cos, sin, slot, cache, n):
+        a = layer.attention
+        R, T, D = x.shape
+        Hq, Hk, hd = a.n_head, a.n_kv, a.hd
+        qkv = a.wqkv(layer.attention_norm(x))
+        q = rotate(qkv[..., :Hq * hd].view(R, T, Hq, hd), cos, sin)
+        k = rotate(qkv[..., Hq * hd:(Hq + Hk) * hd].view(R, T, Hk, hd), cos, sin)
+        v = qkv[..., (Hq + Hk) * hd:].view(R, T, Hk, hd)
+        cache.k_cache.index_copy_(2, slot, k.transpose(1, 2))
+        cache.v_cache.index_copy_(2, slot, v.transpose(1, 2))
+        qt = q.transpose(1, 2)                                                           # (R,Hq,1,hd)
+        if n is None:
+            o = decode_attention(qt, cache.k_cache, cache.v_cache, slot + 1)
+        else:   # the used prefix only: slots 0..j+1, every one visible to the single query
+            kc, vc = cache.k_cache[:, :, :n], cache.v_cache[:, :, :n]
+            o = F.scaled_dot_product_attention(qt, _rep(kc, qt), _rep(vc, qt))
+        x = x + a.wo(o.transpose(1, 2).reshape(R, T, D))
+        return x + layer.feed_forward(layer.ffn_norm(x))
+
+
+class TokenizerStep(_Runner):
+    """Static buffers and the tokenizer's per-group work for one batch size and image size."""
+
+    def __init__(self, tok, batch: int, size, mode: str):
+        super().__init__(mode)
+        self.tok, self.B = tok, batch
+        dev = tok.device
+        N, G = tok.num_tokens, tok.group_size
+        self.N, self.G = N, G
+        Dd = tok.cfg.decoder_dim
+        self.cache = tok.new_cond_cache(batch)
+        self.cond = torch.zeros(batch, N, Dd, dtype=tok.dtype, device=dev)
+        H, W = size
+        self.x = torch.zeros(batch, 3, H, W, dtype=torch.float32, device=dev)
+        self.v_prev = torch.zeros_like(self.x)
+        self.image = torch.zeros(batch, *tok.resize_output(self.x[:1]).shape[2:], 3, dtype=torch.uint8, device=dev)
+        self.t = torch.zeros(2, dtype=torch.float32, device=dev)          # (t_i, t_{i+1}) of the current step
+        self.coef = torch.zeros(2, dtype=torch.float32, device=dev)       # d = coef0 * v - coef1 * v_prev
+        self.tokens: Optional[torch.Tensor] = None                         # the DecodeStep's token buffer
+        self.inv_std = 1.0 / tok.cfg.diff_decoder.data_std
+
+    def snapshot(self):
+        return (self.x.clone(), self.v_prev.clone(), self.cond.clone(), [(k.clone(), v.clone()) for k, v in self.cache])
+
+    def restore(self, snap=None):
+        if snap is not None:
+            self.x.copy_(snap[0])
+            self.v_prev.copy_(snap[1])
+            self.cond.copy_(snap[2])
+            for (k, v), (k0, v0) in zip(self.cache, snap[3]):
+                k.copy_(k0)
+                v.copy_(v0)
+
+    def load(self, tokens: torch.Tensor, noise: torch.Tensor):
+        self.tokens = tokens
+        self.x.copy_(noise)
+        self.v_prev.zero_()
+
+    # ------------------------------------------------------------------ cond: decoder layers on one group
+    def cond_group(self, g: int):
+        self.call("cond", self.cond_step, (g + 1) * self.G)
+
+    def cond_step(self, e: int):
+        """Condition tokens of slots [e-G, e) from their codes, K/V of earlier slots cached."""
+        tok, G = self.tok, self.G
+        s = e - G
+        codes = self.tokens[:, s:e]
+        x = F.linear(tok.code_vectors(codes), tok.quant_out_conv.weight.flatten(1)) + tok.decoder_embedding.weight[s:e]
+        qpos = torch.arange(G, device=x.device) + s
+        mask = torch.arange(e, device=x.device)[None, :] <= qpos[:, None]               # (G, e) causal
+        for blk, (kb, vb) in zip(tok.decoder_layers, self.cache):
+            x = _gated_block_incremental(blk, x, kb, vb, s, e, mask)
+        self.cond[:, s:e] = layer_norm(x)
+
+    # ------------------------------------------------------------------ one diffusion step
+    def schedule(self, times, solver: str):
+        """Load an S-step schedule once per call (one host-to-device copy); steps then copy on the device."""
+        S = len(times) - 1
+        self.times = torch.tensor(times, dtype=torch.float32).to(self.x.device)
+        coef = [[1.0, 0.0] if (i == 0 or solver == "euler") else [1.5, 0.5] for i in range(S)]
+        self.coefs = torch.tensor(coef, dtype=torch.float32).to(self.x.device)
+
+    def diffusion(self, i: int, start: int, preview: bool):
+        """Step i of the loaded schedule, reading condition tokens [start, start+G); preview -> self.image."""
+        self.t.copy_(self.times[i:i + 2])
+        self.coef.copy_(self.coefs[i])
+        # pass the end (>= G >= 2): a start of 0 would be specialised by the compiler and recompiled later
+        if preview:
+            self.call("diffusion_preview", self.diffusion_step_preview, start + self.G)
+        else:
+            self.call("diffusion", self.diffusion_step, start + self.G)
+
+    def diffusion_step(self, end: int):
+        self._diffusion(end, False)
+
+    def diffusion_step_preview(self, end: int):
+        self._diffusion(end, True)
+
+    def _diffusion(self, end: int, preview: bool):
+        tok, B = self.tok, self.B
+        x = self.x
+        cond = self.cond[:, end - self.G:end]
+        v = tok.velocity(x, self.t[0].expand(B), cond)                                   # float32
+        d = self.coef[0] * v - self.coef[1] * self.v_prev
+        if preview:
+            # the same update straight to t = 1, then as `Tokenizer.decode`: x * (1/std), resize, uint8
+            img = tok.resize_output((x + (1.0 - self.t[0]) * d) * self.inv_std)
+            self.image.copy_(ops.images_to_uint8(img))
+        self.x.copy_(x + (self.t[1] - self.t[0]) * d)
+        self.v_prev.copy_(v)
+
+
+def _gated_block_incremental(blk, x, kb, vb, s, e, mask):
+    """GatedBlock on the new tokens at slots [s, e): K/V written into (kb, vb), attention over slots < e."""
+    a = blk.attention
+    B, T, D = x.shape
+    H, hd = a.num_heads, a.head_dim
+    h = blk.norm1(x)
+    q = a.q_norm(a.q(h).view(B, T, H, hd))
+    k = a.k_norm(a.k(h).view(B, T, H, hd))
+    v = a.v(h).view(B, T, H, hd)
+    kb[:, :, s:e] = k.transpose(1, 2)
+    vb[:, :, s:e] = v.transpose(1, 2)
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), kb[:, :, :e], vb[:, :, :e], attn_mask=mask)
+    x = x + blk.gate1 * a.proj(o.transpose(1, 2).reshape(B, T, D))
+    return x + blk.gate2 * blk.mlp(blk.norm2(x))
