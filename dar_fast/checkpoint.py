@@ -187,7 +187,31 @@ def load_strict(model: nn.Module, sd: dict, optional_prefixes=OPTIONAL_PREFIXES,
             return f"\n  {name} ({len(xs)}): " + ", ".join(xs[:20]) + (" ..." if len(xs) > 20 else "") if xs else ""
         raise CheckpointMismatch(f"checkpoint does not match the {what} config:" + fmt("missing", missing)
                                  + fmt("unexpected", unexpected) + fmt("mis-shaped", misshaped))
+    check_weights(sd, own, what)
     model.load_state_dict(sd, strict=False)
+
+
+def check_weights(sd: dict, own: dict, what: str = "model") -> None:
+    """Refuse weights that would load silently wrong: a non-floating tensor where the model holds a floating one
+    (int32 weights would be cast; bools become 0/1), and NaN or inf anywhere (they sample black images or one
+    token). The finiteness check is one fused pass: the max-abs of every floating tensor at once
+    (`_foreach_norm(inf)`: NaN and inf propagate), then a single host read; ~1 s per 3 GB on a CPU core."""
+    bad_dtype = [f"{k} ({sd[k].dtype}, model {own[k].dtype})" for k in sd
+                 if k in own and own[k].is_floating_point() and not sd[k].is_floating_point()]
+    if bad_dtype:
+        raise CheckpointMismatch(f"checkpoint holds non-floating weights where the {what} has floating ones: "
+                                 + ", ".join(bad_dtype[:8]) + (" ..." if len(bad_dtype) > 8 else ""))
+    names = [k for k, v in sd.items() if torch.is_tensor(v) and v.is_floating_point() and v.numel()]
+    if not names:
+        return
+    peaks = torch.stack([m.float().cpu() for m in torch._foreach_norm([sd[k] for k in names], float("inf"))])
+    bad = (~torch.isfinite(peaks)).nonzero().flatten().tolist()
+    if bad:
+        def kind(t):
+            return "NaN" if torch.isnan(t).any() else "inf"
+        listed = ", ".join(f"{names[i]} ({kind(sd[names[i]])})" for i in bad[:8])
+        raise CheckpointMismatch(f"checkpoint has non-finite weights in {len(bad)} tensor(s): {listed}"
+                                 + (" ..." if len(bad) > 8 else "") + "; the file is corrupt or the training diverged")
 
 
 def save_safetensors(model: nn.Module, path: str, config: dict, kind: str):
