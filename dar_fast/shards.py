@@ -355,13 +355,17 @@ class ShardedOutput:
         Returns True (and releases the lock) if the result is already finished with these settings."""
         self.lock.acquire()
         try:
-            if self.finished():
-                self.lock.release()
-                return True
-            self._check_overwrite()
             parent = os.path.dirname(os.path.abspath(self.out))
             for p in list(self.outputs) + [manifest_path(self.out)]:
                 remove_stale_temps(parent, os.path.basename(p))
+            if self.finished():
+                if os.path.isdir(self.dir):          # kept shards stay; leftovers of killed writes go
+                    self._remove_strays()
+                    with suppress(OSError):
+                        os.rmdir(self.dir)           # only if nothing is left in it
+                self.lock.release(remove=True)
+                return True
+            self._check_overwrite()
             os.makedirs(self.dir, exist_ok=True)
             old = None
             with suppress(OSError, ValueError):

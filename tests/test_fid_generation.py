@@ -103,3 +103,112 @@ def test_bad_arguments(ckpts, tmp_path):
     assert _run(_args(ckpts, tmp_path / "x.bin")) == 2
     assert _run(["fid", "--tokenizer", ckpts[0], "--out", str(tmp_path / "y.npz")]) == 2
     assert not (tmp_path / "y.npz").exists()
+
+
+# ------------------------------------------------------------------------------------------ reliability (#15)
+
+@pytest.fixture(autouse=True)
+def _hash_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DAR_FAST_CACHE", str(tmp_path / "hash_cache"))   # never write the user's ~/.cache
+
+
+def _run_killed(argv, delay):
+    """Run `dar-fast ARGV` in a forked child (no interpreter start-up: the models and torch are loaded) and
+    SIGKILL it after `delay` seconds. Returns True if the kill landed before the child finished."""
+    import signal
+    import time
+
+    import torch
+    pid = os.fork()
+    if pid == 0:                                      # child: run, never return into pytest
+        code = 1
+        try:
+            torch.set_num_threads(1)
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 1)
+            os.dup2(devnull, 2)
+            code = _run(argv)
+        finally:
+            os._exit(code)
+    time.sleep(delay)
+    os.kill(pid, signal.SIGKILL)
+    _, status = os.waitpid(pid, 0)
+    return os.WIFSIGNALED(status)
+
+
+def test_kill9_at_random_points_then_rerun_is_byte_identical(ckpts, tmp_path):
+    import random
+    import time
+    full, killed = tmp_path / "full.npz", tmp_path / "killed.npz"
+    argv_full, argv = _args(ckpts, full, n=24, bs=2), _args(ckpts, killed, n=24, bs=2)
+    t0 = time.perf_counter()
+    assert _run(argv_full) == 0
+    t_full = time.perf_counter() - t0
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    delays = [rng.uniform(0.02, 0.6) * t_full for _ in range(5)]
+    landed = [_run_killed(argv, d) for d in delays]
+    shards = str(killed) + ".shards"
+    # the stale leftovers a kill inside an atomic write leaves behind
+    os.makedirs(shards, exist_ok=True)
+    for p in (os.path.join(shards, ".shard_000003.npz.k9x.tmp"), str(tmp_path / ".killed.npz.k9y.tmp")):
+        open(p, "wb").write(b"half a file")
+    assert _run(argv) == 0, f"kill delays {delays} (seed {seed}, landed {landed})"
+    assert open(full, "rb").read() == open(killed, "rb").read(), f"kill delays {delays} (seed {seed})"
+    assert not os.path.exists(shards) and not [f for f in os.listdir(tmp_path) if f.startswith(".")]
+    assert any(landed), "no kill landed during a run: the test did not test anything"
+
+
+def test_corrupted_shards_are_regenerated(ckpts, tmp_path, capsys):
+    ref, out = tmp_path / "ref.npz", tmp_path / "s.npz"
+    assert _run(_args(ckpts, ref)) == 0
+    assert _run(_args(ckpts, out, extra=["--keep-shards"])) == 0
+    os.remove(out)
+    os.remove(tmp_path / "s.json")
+    shards = str(out) + ".shards"
+    s0, s1, s2 = (os.path.join(shards, f"shard_{k:06d}.npz") for k in range(3))
+    open(s1, "r+b").truncate(200)                               # truncated
+    os.replace(s0, s2)                                          # swapped: shard 0's images under shard 2's name
+    capsys.readouterr()
+    assert _run(_args(ckpts, out)) == 0
+    err = capsys.readouterr().err
+    assert "shard 1" in err and "shard 2" in err and "regenerating" in err
+    assert open(ref, "rb").read() == open(out, "rb").read()
+
+
+def test_finished_npz_is_kept_unless_overwrite(ckpts, tmp_path, capsys):
+    out = tmp_path / "s.npz"
+    assert _run(_args(ckpts, out)) == 0
+    before, mtime = open(out, "rb").read(), os.stat(out).st_mtime_ns
+    capsys.readouterr()
+    assert _run(_args(ckpts, out)) == 0                           # same settings: nothing to do
+    assert "nothing to do" in capsys.readouterr().out and os.stat(out).st_mtime_ns == mtime
+    assert _run(_args(ckpts, out, extra=["--temperature", "0.9"])) == 2
+    err = capsys.readouterr().err
+    assert "other settings" in err and "temperature: 1.0 -> 0.9" in err and "--overwrite" in err
+    assert open(out, "rb").read() == before
+    assert _run(_args(ckpts, out, extra=["--temperature", "0.9", "--overwrite"])) == 0
+    import json
+    assert json.load(open(tmp_path / "s.json"))["settings"]["temperature"] == 0.9
+    assert open(out, "rb").read() != before
+
+
+def test_resume_with_another_model_of_the_same_size_is_refused(ckpts, tmp_path):
+    other = tmp_path / "ar_other.safetensors"
+    tok = tiny_tokenizer(seed=3)
+    dar_fast.save_ar(tiny_ar(seed=5, vocab_size=tok.codebook_size, block_size=tok.num_tokens), str(other))
+    assert os.path.getsize(other) == os.path.getsize(ckpts[1])
+    out = tmp_path / "s.npz"
+    assert _run(_args(ckpts, out, extra=["--keep-shards"])) == 0
+    os.remove(out)
+    assert _run(_args((ckpts[0], str(other)), out, extra=["--keep-shards"])) == 2
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("bad", [["--cfg", "nan"], ["--cfg", "1e30"], ["--cfg", "abc"], ["--temperature", "1e-30"],
+                                 ["--temperature", "inf"], ["--top-p", "nan"], ["--seed", str(2 ** 63)]])
+def test_bad_sampling_values_refused_before_anything_is_written(ckpts, tmp_path, bad, capsys):
+    assert _run(_args(ckpts, tmp_path / "s.npz", extra=bad)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0]
+    assert os.listdir(tmp_path) == ["hash_cache"] or os.listdir(tmp_path) == []
