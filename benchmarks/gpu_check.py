@@ -20,6 +20,7 @@ import argparse
 import datetime as _dt
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -94,6 +95,9 @@ def _run_child(name: str, out: str, smoke: bool, cap_s: float) -> None:
         import _gpu_sections_b as B
         fn = getattr(A, name, None) or getattr(B, name)
         ctx = A.Ctx(name, out, smoke, time.time() + cap_s)
+        fault = dict(f.split(":", 1) for f in os.environ.get("DAR_FAST_GPU_CHECK_FAULT", "").split(",") if ":" in f)
+        if name in fault:                             # tests/test_gpu_check.py: the watchdog's own test
+            fn = _FAULTS[fault[name]]
         code = ctx.run(fn)
     except BaseException:                             # even the section module failing to import is a record
         traceback.print_exc()
@@ -106,6 +110,22 @@ def _run_child(name: str, out: str, smoke: bool, cap_s: float) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+
+
+def _hang(ctx):
+    time.sleep(10 ** 6)
+
+
+def _raise(ctx):
+    ctx.put("before_the_fault", 1)
+    raise RuntimeError("injected fault")
+
+
+def _exit(ctx):
+    os._exit(9)
+
+
+_FAULTS = {"hang": _hang, "raise": _raise, "exit": _exit}
 
 
 def _kill_group(pid: int) -> None:
@@ -150,13 +170,14 @@ def run_section(name: str, out: str, smoke: bool, cap_s: float) -> dict:
     if timed_out:
         return dict(status="failed", error=f"timed out after its cap of {cap_s:.0f}s (figures saved so far kept)",
                     seconds=seconds, figures=figures)
+    code = os.waitstatus_to_exitcode(status)
     if not rec:
-        code = os.waitstatus_to_exitcode(status)
         return dict(status="failed", error=f"the section's process died (exit {code}) before saving a record; "
                                            "see gpu_check.log", seconds=seconds, figures=figures)
     rec["seconds"] = seconds
-    if rec.get("status") == "running":             # exited without finishing (os._exit from a library, ...)
-        rec.update(status="failed", error="the section's process exited before it finished; see gpu_check.log")
+    if rec.get("status") == "running":             # died mid-way (a segfault, os._exit in a library, ...)
+        rec.update(status="failed", error=f"the section's process died (exit {code}) before it finished "
+                                          "(figures saved so far kept); see gpu_check.log")
     return rec
 
 
@@ -169,6 +190,8 @@ def main(argv=None) -> int:
     p.add_argument("--budget-s", type=float, default=480.0, help="wall-clock budget for all sections (default 480)")
     p.add_argument("--sections", default=None, help=f"comma-separated names or numbers (default all): {','.join(NAMES)}")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DIR/gpu_check.json")
+    p.add_argument("--cap", action="append", default=[], metavar="SECTION=SECONDS",
+                   help="override one section's time cap (repeatable), e.g. --cap training=150")
     p.add_argument("--list", action="store_true", help="print the sections with their caps and exit")
     args = p.parse_args(argv)
     if args.list:
@@ -177,6 +200,12 @@ def main(argv=None) -> int:
         return 0
     try:
         names = parse_sections(args.sections)
+        caps = {n: float(s if args.smoke else g) for n, g, s in SECTIONS}
+        for c in args.cap:
+            k, _, v = c.partition("=")
+            if k not in caps or not v.replace(".", "", 1).isdigit() or float(v) <= 0:
+                raise ValueError(f"--cap {c!r}: expected SECTION=SECONDS with a known section and seconds > 0")
+            caps[k] = float(v)
         if not args.out:
             raise ValueError("--out DIR is required")
         if args.budget_s <= 0:
@@ -188,12 +217,11 @@ def main(argv=None) -> int:
         print(f"gpu_check: {e}", file=sys.stderr)
         return 2
     os.makedirs(os.path.join(out, "sections"), exist_ok=True)
-    for stale in ("gpu_check.log",):
+    for stale in ("gpu_check.log", "pytest_gpu.xml", "bench_sample_tokens.json", "bench_sampling.json"):
         if os.path.exists(os.path.join(out, stale)):
             os.remove(os.path.join(out, stale))
     import torch  # noqa: F401  imported once here (never touching CUDA) so each forked section skips the ~5 s
 
-    caps = {n: (s if args.smoke else g) for n, g, s in SECTIONS}
     git = _git_sha()
     report = dict(tool="benchmarks/gpu_check.py", smoke=args.smoke, budget_s=args.budget_s, started=_now(),
                   finished=None, argv=sys.argv if argv is None else ["gpu_check.py", *argv], git_sha=git[0],
@@ -202,12 +230,14 @@ def main(argv=None) -> int:
     json_path = os.path.join(out, "gpu_check.json")
     for name in NAMES:
         if name not in names:
+            report["sections"][name] = dict(status="skipped", reason="not selected (--sections)", seconds=0.0,
+                                            figures={})
             continue
         left = args.budget_s - (time.time() - t_start)
         cap = caps[name]
-        _log(out, f"===== {name} (cap {cap}s, {left:.0f}s of the budget left) {_now()}")
+        _log(out, f"===== {name} (cap {cap:.0f}s, {left:.0f}s of the budget left) {_now()}")
         if cap > left:
-            rec = dict(status="skipped", reason=f"would overrun the budget: its cap is {cap}s and "
+            rec = dict(status="skipped", reason=f"would overrun the budget: its cap is {cap:.0f}s and "
                                                 f"{max(left, 0):.0f}s of --budget-s {args.budget_s:.0f} are left",
                        seconds=0.0, figures={})
         else:
@@ -221,8 +251,14 @@ def main(argv=None) -> int:
         print(line, flush=True)
         _log(out, line)
     report["finished"] = _now()
+    report["summary"] = _summary(report["sections"])
     report["elapsed_s"] = round(time.time() - t_start, 2)
     _write_json(json_path, report)
+    # every record is in gpu_check.json now; fewer files come back from a device machine (8 at most)
+    shutil.rmtree(os.path.join(out, "sections"), ignore_errors=True)
+    for name, rec in report["sections"].items():     # the end of the output is what a device call returns
+        body = rec.get("reason") if rec["status"] == "skipped" else json.dumps(rec.get("figures", {}), default=str)
+        print(f"  {name:<22} {body[:360]}", flush=True)
     s = report["summary"]
     print(f"[gpu_check] {s['ok']} ok, {s['failed']} failed, {s['skipped']} skipped in {report['elapsed_s']:.0f}s; "
           f"wrote {json_path}", flush=True)
