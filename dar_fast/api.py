@@ -6,6 +6,7 @@ import dataclasses
 import torch
 
 from dar_fast.checkpoint import CheckpointMismatch, load_strict, read_checkpoint, save_safetensors
+from dar_fast.defaults import model_defaults
 from dar_fast.config import ARConfig, TokenizerConfig, ar_config, tokenizer_config
 from dar_fast.models import ARModel, Tokenizer
 
@@ -46,6 +47,7 @@ def load_tokenizer(ckpt, config=None, device="cpu", dtype=torch.float32) -> Toke
     model = model.to_empty(device="cpu")
     model.quantize.codebook_used.zero_()
     load_strict(model, sd, what="tokenizer")
+    model.sampling = model_defaults(ckpt, config, ck_cfg)     # recommended sampling settings it carries (if any)
     return model.to(device=device, dtype=dtype).eval()
 
 
@@ -63,15 +65,16 @@ def load_ar(ckpt, config=None, device="cpu", dtype=torch.float32) -> ARModel:
         model = ARModel(cfg)
     model = model.to_empty(device="cpu")
     load_strict(model, sd, optional_prefixes=(), what="AR")
+    model.sampling = model_defaults(ckpt, config, ck_cfg)     # e.g. the paper's cfg schedule of a D-AR preset
     return model.to(device=device, dtype=dtype).eval()
 
 
 def save_tokenizer(tok: Tokenizer, path: str):
-    save_safetensors(tok, path, tok.cfg.to_dict(), "tokenizer")
+    save_safetensors(tok, path, tok.cfg.to_dict(), "tokenizer", sampling=getattr(tok, "sampling", None))
 
 
 def save_ar(ar: ARModel, path: str):
-    save_safetensors(ar, path, ar.cfg.to_dict(), "ar")
+    save_safetensors(ar, path, ar.cfg.to_dict(), "ar", sampling=getattr(ar, "sampling", None))
 
 
 __all__ = ["load_tokenizer", "load_ar", "save_tokenizer", "save_ar", "CheckpointMismatch",

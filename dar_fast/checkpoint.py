@@ -214,9 +214,14 @@ def check_weights(sd: dict, own: dict, what: str = "model") -> None:
                                  + (" ..." if len(bad) > 8 else "") + "; the file is corrupt or the training diverged")
 
 
-def save_safetensors(model: nn.Module, path: str, config: dict, kind: str):
-    """Weights + JSON config in the metadata, written atomically (temp file + rename)."""
+def save_safetensors(model: nn.Module, path: str, config: dict, kind: str, sampling: Optional[dict] = None):
+    """Weights + JSON config (and the recommended sampling settings, if any) in the metadata, written atomically."""
     from safetensors.torch import save
+
+    from dar_fast.defaults import SAMPLING_KEY
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if not k.endswith(_AR_DROP)}
-    data = save(sd, metadata={CONFIG_KEY: json.dumps(config), KIND_KEY: kind})
+    meta = {CONFIG_KEY: json.dumps(config), KIND_KEY: kind}
+    if sampling:
+        meta[SAMPLING_KEY] = json.dumps(sampling)
+    data = save(sd, metadata=meta)
     atomic_write(path, lambda f: f.write(data))

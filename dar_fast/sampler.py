@@ -28,6 +28,7 @@ class SampleOutput:
     tokens: torch.Tensor           # (B,N) int64
     noise: Optional[torch.Tensor] = None   # (B,3,H,W) initial pixel noise
     float_images: Optional[torch.Tensor] = None  # (B,3,H,W) decoder output before uint8
+    settings: Optional[dict] = None        # the sampling settings used (Pipeline: given, else the model's, else defaults)
 
 
 # Sampling-argument bounds. Temperature: logits are divided by it in float32. Below 1e-6 a logit gap of 1e-4

@@ -100,16 +100,21 @@ def register(sub):
 
 
 def _clear(fn, args):
-    """OS-level problems (unreadable paths, missing optional packages) as one clear line, not a traceback."""
+    """The training commands' bad input (a ValueError naming an option, a file or a config key; unreadable paths;
+    a missing optional package) as a UsageError: one clear line from the CLI, not a traceback. Other exceptions
+    (RuntimeError included) are bugs or failures of the machine and keep their traceback."""
+    from dar_fast.errors import UsageError
     if getattr(args, "threads", None):
         if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+            raise UsageError(f"--threads must be >= 1, got {args.threads}")
         import torch
         torch.set_num_threads(args.threads)
     try:
         return fn(args)
-    except (PermissionError, NotADirectoryError, IsADirectoryError, ImportError) as e:
-        raise RuntimeError(str(e)) from e
+    except UsageError:
+        raise
+    except (ValueError, PermissionError, NotADirectoryError, IsADirectoryError, ImportError) as e:
+        raise UsageError(str(e)) from e
 
 
 def run_train_tokenizer(args) -> int:
