@@ -6,14 +6,27 @@
 """
 __version__ = "0.1.0"
 
-from dar_fast.api import load_ar, load_tokenizer, save_ar, save_tokenizer  # noqa: E402,F401
-from dar_fast.config import (AR_PRESETS, TOKENIZER_PRESETS, ARConfig, DiffDecoderConfig,  # noqa: E402,F401
-                             TokenizerConfig)
+# The public names are imported on first use (PEP 562), so `import dar_fast.cli` is instant: the command line
+# imports torch inside its own error handling, and a Ctrl-C during that import still ends quietly.
+_LAZY = {
+    "load_ar": "dar_fast.api", "load_tokenizer": "dar_fast.api", "save_ar": "dar_fast.api",
+    "save_tokenizer": "dar_fast.api",
+    "AR_PRESETS": "dar_fast.config", "TOKENIZER_PRESETS": "dar_fast.config", "ARConfig": "dar_fast.config",
+    "DiffDecoderConfig": "dar_fast.config", "TokenizerConfig": "dar_fast.config",
+    "Pipeline": "dar_fast.pipeline", "SampleOutput": "dar_fast.pipeline", "StreamStep": "dar_fast.pipeline",
+    "UsageError": "dar_fast.errors",
+}
+__all__ = sorted(_LAZY)
 
 
 def __getattr__(name):
-    # the engine pulls in more (graphs, samplers); import it on first use
-    if name in ("Pipeline", "SampleOutput", "StreamStep"):
-        from dar_fast import pipeline
-        return getattr(pipeline, name)
+    if name in _LAZY:
+        import importlib
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value           # later lookups skip this function
+        return value
     raise AttributeError(f"module 'dar_fast' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
