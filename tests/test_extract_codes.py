@@ -55,7 +55,7 @@ def _centre(img: Image.Image) -> torch.Tensor:
 def test_codes_equal_encode_with_flips(tok_file, folder, tmp_path, capsys):
     path, tok = tok_file
     out = tmp_path / "codes"
-    assert main(["extract-codes", "--tokenizer", path, "--data", str(folder), "--out", str(out), "--flip",
+    assert main(["extract-codes", "--device", "cpu", "--tokenizer", path, "--data", str(folder), "--out", str(out), "--flip",
                  "--batch-size", "3", "--num-workers", "0", "--loader", "torch"]) == 0
     meta = json.loads((out / "meta.json").read_text())
     assert meta["loader"] == "torch"
@@ -83,9 +83,9 @@ def test_codes_equal_encode_with_flips(tok_file, folder, tmp_path, capsys):
     cs.check(ARConfig(dim=64, n_layer=1, n_head=1, vocab_size=32, block_size=16, num_classes=2))
     # an existing code set is not overwritten by accident
     capsys.readouterr()
-    assert main(["extract-codes", "--tokenizer", path, "--data", str(folder), "--out", str(out)]) == 2
+    assert main(["extract-codes", "--device", "cpu", "--tokenizer", path, "--data", str(folder), "--out", str(out)]) == 2
     assert "--overwrite" in capsys.readouterr().err
-    assert main(["extract-codes", "--tokenizer", path, "--data", str(folder), "--out", str(out), "--overwrite",
+    assert main(["extract-codes", "--device", "cpu", "--tokenizer", path, "--data", str(folder), "--out", str(out), "--overwrite",
                  "--num-workers", "0", "--quiet", "--loader", "torch"]) == 0
     assert np.load(out / "codes.npy").shape == (M, 1, 16)
     assert np.array_equal(np.load(out / "codes.npy")[:, 0], codes[:, 0])
@@ -122,7 +122,7 @@ def test_dali_codes_equal_encode_of_the_dali_images(tok_file, tmp_path):
     bad = sorted(src.paths.index(str(folder / p)) for p in ("ant/3_broken.png", "bee/1_cut.jpg"))
     out = tmp_path / "dali"
     with pytest.warns(UserWarning, match="with PIL"):            # the cut JPEG: DALI fails, PIL drops it
-        assert main(["extract-codes", "--tokenizer", path, "--data", str(folder), "--out", str(out), "--flip",
+        assert main(["extract-codes", "--device", "cpu", "--tokenizer", path, "--data", str(folder), "--out", str(out), "--flip",
                      "--batch-size", str(B), "--num-workers", "1", "--loader", "dali", "--quiet"]) == 0
     meta = json.loads((out / "meta.json").read_text())
     codes, labels = np.load(out / "codes.npy"), np.load(out / "labels.npy")
@@ -149,7 +149,7 @@ def test_dali_codes_equal_encode_of_the_dali_images(tok_file, tmp_path):
     assert max_diff >= 0.5, "DALI and PIL images are identical: this test no longer tells the two recipes apart"
     # auto picks DALI where it imports: the same codes (DALI is deterministic)
     with pytest.warns(UserWarning, match="with PIL"):
-        assert main(["extract-codes", "--tokenizer", path, "--data", str(folder), "--out", str(tmp_path / "auto"),
+        assert main(["extract-codes", "--device", "cpu", "--tokenizer", path, "--data", str(folder), "--out", str(tmp_path / "auto"),
                      "--flip", "--batch-size", str(B), "--num-workers", "1", "--quiet"]) == 0
     assert json.loads((tmp_path / "auto" / "meta.json").read_text())["loader"] == "dali"
     assert np.array_equal(np.load(tmp_path / "auto" / "codes.npy"), codes)
@@ -172,9 +172,9 @@ def test_dtype_and_errors(tok_file, tmp_path, capsys):
     assert code_dtype(256) == np.int16 and code_dtype(32768) == np.int16 and code_dtype(32769) == np.int32
     path, _ = tok_file
     capsys.readouterr()
-    assert main(["extract-codes", "--tokenizer", path, "--data", str(tmp_path / "none"), "--out",
+    assert main(["extract-codes", "--device", "cpu", "--tokenizer", path, "--data", str(tmp_path / "none"), "--out",
                  str(tmp_path / "o")]) == 2
     assert "not found" in capsys.readouterr().err
-    assert main(["extract-codes", "--tokenizer", str(tmp_path / "no.safetensors"), "--data", "digits", "--out",
+    assert main(["extract-codes", "--device", "cpu", "--tokenizer", str(tmp_path / "no.safetensors"), "--data", "digits", "--out",
                  str(tmp_path / "o")]) == 2
     assert "not found" in capsys.readouterr().err

@@ -13,7 +13,10 @@ def _ckpts(tmp_path):
     ar = tiny_ar(seed=4, vocab_size=tok.codebook_size, block_size=tok.num_tokens)
     dar_fast.save_tokenizer(tok, str(tmp_path / "tok.safetensors"))
     dar_fast.save_ar(ar, str(tmp_path / "ar.safetensors"))
-    return ["--tokenizer", str(tmp_path / "tok.safetensors"), "--ar", str(tmp_path / "ar.safetensors")]
+    # --device cpu: with CUDA present the CLI would pick CUDA bf16, and "the same images at any batch size"
+    # (max 1 level apart) would then test another claim than on CI
+    return ["--tokenizer", str(tmp_path / "tok.safetensors"), "--ar", str(tmp_path / "ar.safetensors"),
+            "--device", "cpu"]
 
 
 def test_sample_writes_images_grid_and_previews(tmp_path):

@@ -376,6 +376,13 @@ def test_extension_built_when_required():
     assert EXT["built"], f"dar_fast._C did not build or load: {EXT['error']}"
 
 
+@pytest.mark.gpu
+def test_extension_built_with_cuda_on_a_gpu():
+    # `pytest -m gpu` must not go green when the CUDA sampler failed to build: every needs_cuda_ext test
+    # below would skip, and the engine would silently sample with the PyTorch reference
+    assert EXT["built"] and EXT["cuda"], f"dar_fast._C is not built with CUDA on a CUDA machine: {EXT}"
+
+
 @pytest.mark.parametrize("var", ["DAR_FAST_BACKEND_SAMPLE_TOKENS", "DAR_FAST_BACKEND"])
 def test_backend_switch_forces_reference(monkeypatch, var):
     monkeypatch.delenv("DAR_FAST_BACKEND_SAMPLE_TOKENS", raising=False)

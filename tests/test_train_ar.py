@@ -50,8 +50,10 @@ def ar_cfg_file(tmp_path_factory):
 
 
 def _argv(cfg, codes, out, steps, *extra, batch=8):
+    # --device cpu: on a GPU machine "auto" trains in CUDA bf16 autocast, where bit-exact resume and the
+    # 1e-5 accumulation tolerances mean something else
     return ["train-ar", "--preset", cfg, "--codes", codes, "--out", str(out), "--steps", str(steps),
-            "--batch-size", str(batch), "--quiet", *extra]
+            "--batch-size", str(batch), "--quiet", "--device", "cpu", *extra]
 
 
 # ====================================================================================== runs

@@ -23,7 +23,7 @@ TIMEOUT = 240
 def torchrun(*argv):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "dar_fast.cli", *map(str, argv)]
+           "-m", "dar_fast.cli", *map(str, argv), "--device", "cpu"]   # gloo on the CPU, GPUs or not
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=env)
     return p.returncode, p.stdout + p.stderr
 

@@ -46,8 +46,9 @@ def _args(argv, data=None):
 
 
 def _base(cfg_file, out, steps, extra=(), data="digits", batch=8, lpips=("--lpips-weight", "0")):
+    # --device cpu: "auto" would take CUDA bf16 on a GPU machine (see test_train_ar._argv)
     return ["train-tokenizer", "--preset", cfg_file, "--data", str(data), "--out", str(out), "--steps", str(steps),
-            "--batch-size", str(batch), *lpips, "--warmup", "0", "--quiet", *extra]
+            "--batch-size", str(batch), *lpips, "--warmup", "0", "--quiet", "--device", "cpu", *extra]
 
 
 # ====================================================================================== pieces
