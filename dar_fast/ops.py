@@ -8,7 +8,7 @@ DAR_FAST_BACKEND_<OP> (see dar_fast.kernels.backend).
     flow_step(x, v, v_prev, t, t_next)             Euler / Adams-Bashforth update (Triton)
     flow_preview(x, v, v_prev, t)                  the same update to t = 1 (Triton; image / uint8 output fused)
     sample_tokens(logits, uncond, cfg, ...)        CFG + temperature + top-k/top-p + keyed Philox draw (C++/CUDA)
-    images_to_uint8(img)                           (B,3,H,W) in [-1,1] -> (B,H,W,3) uint8, ADM's rounding
+    images_to_uint8(img)                           (B,3,H,W) in [-1,1] -> (B,H,W,3) uint8, the released clamp(127.5x+128) truncation
     rms_norm(x, weight, eps, residual=None)        RMSNorm, optionally fused with the residual add -> (y, x + r) (Triton)
     adaln_modulate(x, shift, scale)                DiT LayerNorm + (1 + scale) * x + shift in one pass (Triton)
     gated_residual(x, gate, y, shift, scale)       x + gate * y, optionally fused with the next adaln_modulate (Triton)

@@ -5,9 +5,10 @@ flow_step(x, v, v_prev, t, t_next)  x + (t_next - t) * d,  d = v (Euler, v_prev 
 flow_preview(x, v, v_prev, t)       the same with t_next = 1 (the released clip_steps preview)
 t, t_next: Python floats or 0-dim / (B,) tensors (per sample), possibly on the device.
 Fused outputs (keyword options, same single pass over memory):
-  data_std=s            return the image x_next / s (B,C,H,W) instead of x_next;
-  data_std=s, to_uint8  return (B,H,W,C) uint8 = trunc(clamp((img + 1) * 127.5, 0, 255)), the
-                        ADM conversion (`images_to_uint8_ref`), in NHWC.
+  data_std=s            return the image x_next * (1 / s) (B,C,H,W) instead of x_next (the released
+                        decoder multiplies by the reciprocal, rounded to fp32 once);
+  data_std=s, to_uint8  return (B,H,W,C) uint8 = trunc(clamp(127.5 * img + 128, 0, 255)) in fp32, the
+                        released scripts' conversion (`images_to_uint8_ref`), in NHWC.
 
 Where the kernel is fast, and why it stops being fast
 -----------------------------------------------------
@@ -27,9 +28,11 @@ It stops being fast when
   * to_uint8: each program writes C bytes per pixel at stride C, so stores are
     narrow; they are 1/12 of the traffic (fp32 AB) and merge in L2.
 Precision: the math is fp32 whatever the dtype (the reference computes in x's
-dtype), rounded once to x's dtype at the end; fp32 results can differ from the
-reference by an ulp (FMA contraction), so a uint8 value can differ by one where
-the exact value lies within about an ulp of an integer.
+dtype), rounded once to x's dtype at the end; the flow update itself can differ
+from the reference by an ulp on a GPU (FMA contraction of x + dt * d). The uint8
+conversion of a given image is exact: compiled, it uses round-to-nearest
+multiply and add (libdevice mul_rn / add_rn), which the compiler never fuses
+into an FMA, so 127.5 * img + 128 is rounded twice exactly as torch does.
 """
 from __future__ import annotations
 
@@ -44,9 +47,11 @@ from dar_fast.kernels.backend import use_triton
 try:  # optional: the module must import (and the reference run) without triton
     import triton
     import triton.language as tl
+    from triton.language.extra import libdevice
 except Exception:  # pragma: no cover - exercised only where triton is missing
     triton = None
     tl = None
+    libdevice = None
 
 
 # ----------------------------------------------------------------------------- references
@@ -69,14 +74,24 @@ def flow_preview_ref(x, v, v_prev, t):
 
 
 def images_to_uint8_ref(img: torch.Tensor) -> torch.Tensor:
-    """(B,C,H,W) float image in [-1, 1] -> (B,H,W,C) uint8, ADM's conversion.
+    """(B,C,H,W) float image in [-1, 1] -> (B,H,W,C) uint8, the released scripts' conversion.
 
-    ((img + 1) * 127.5).clamp(0, 255) truncated toward zero, in float32
-    (a bf16/fp16 image is widened first), then NHWC.
+    clamp(127.5 * img + 128, 0, 255) truncated toward zero, in float32 (a bf16/fp16 image is
+    widened first; the multiply and the add are rounded separately), then NHWC. Truncating
+    127.5 x + 128 rounds 127.5 x + 127.5 to nearest (ADM's (x + 1) * 127.5 truncated is one
+    lower on about half of all values).
     """
     if img.dim() != 4:
         raise ValueError(f"images_to_uint8_ref: expected a (B,C,H,W) image batch, got shape {tuple(img.shape)}")
-    return ((img.float() + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    return (127.5 * img.float() + 128.0).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+def _inv_std(data_std):
+    """1 / data_std as the released decoder forms it: a Python float reciprocal (one fp32 rounding
+    where it meets an fp32 tensor); for a tensor, its fp32 reciprocal."""
+    if isinstance(data_std, torch.Tensor):
+        return 1.0 / data_std.float()
+    return 1.0 / float(data_std)
 
 
 def flow_output_ref(x, v, v_prev, t, t_next, data_std=None, to_uint8=False):
@@ -84,7 +99,7 @@ def flow_output_ref(x, v, v_prev, t, t_next, data_std=None, to_uint8=False):
     y = flow_step_ref(x, v, v_prev, t, t_next).to(x.dtype)
     if data_std is None:
         return y
-    img = (y / data_std).to(x.dtype)
+    img = (y * _inv_std(data_std)).to(x.dtype)
     return images_to_uint8_ref(img) if to_uint8 else img
 
 
@@ -93,7 +108,7 @@ def flow_output_ref(x, v, v_prev, t, t_next, data_std=None, to_uint8=False):
 def _flow_step_kernel(x_ptr, v_ptr, vp_ptr, out_ptr, t_ptr, tn_ptr, ds_ptr,
                       dt_val, t_val, tn_val, ds_val, t_bs, tn_bs, C, S,
                       HAS_PREV: tl.constexpr, T_PTR: tl.constexpr, TN_PTR: tl.constexpr, DT_HOST: tl.constexpr,
-                      DS_PTR: tl.constexpr,
+                      DS_PTR: tl.constexpr, PRECISE: tl.constexpr,
                       MODE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
     """Tile (BLOCK_C channels x BLOCK_S positions) of sample b = program_id(1); x viewed as (B, C, S).
 
@@ -128,14 +143,20 @@ def _flow_step_kernel(x_ptr, v_ptr, vp_ptr, out_ptr, t_ptr, tn_ptr, ds_ptr,
         tl.store(out_ptr + off, y.to(out_ptr.dtype.element_ty), mask=m)
     else:
         if DS_PTR:
-            ds = tl.load(ds_ptr).to(tl.float32)
+            inv = tl.div_rn(1.0, tl.load(ds_ptr).to(tl.float32))   # IEEE (plain / may be approximate)
         else:
-            ds = ds_val
-        img = tl.div_rn(y, ds)                 # IEEE division like torch (plain / may be approximate)
+            inv = ds_val                       # 1 / data_std, rounded to fp32 on the host
+        # rounded to x's dtype after the step and after the scale, as the reference (no-ops for fp32)
+        xdt = x_ptr.dtype.element_ty
+        img = (y.to(xdt).to(tl.float32) * inv).to(xdt).to(tl.float32)
         if MODE == 1:
             tl.store(out_ptr + off, img.to(out_ptr.dtype.element_ty), mask=m)
         else:
-            u = tl.minimum(tl.maximum((img + 1.0) * 127.5, 0.0), 255.0).to(tl.uint8)   # truncation
+            if PRECISE:                        # rounded multiply then rounded add: never an FMA
+                w = libdevice.add_rn(libdevice.mul_rn(img, 127.5), 128.0)
+            else:                              # the interpreter (numpy) never fuses
+                w = img * 127.5 + 128.0
+            u = tl.minimum(tl.maximum(w, 0.0), 255.0).to(tl.uint8)                    # truncation
             tl.store(out_ptr + (b * S + s[None, :]) * C + c[:, None], u, mask=m)       # NHWC
 
 
@@ -178,7 +199,14 @@ def flow_step_triton(x, v, v_prev, t, t_next, data_std=None, to_uint8=False):
         return out
     tp, tv, tbs = _scalar_or_ptr(t, x.device)
     tnp, tnv, tnbs = _scalar_or_ptr(t_next, x.device)
-    dsp, dsv, _ = (None, 1.0, 0) if data_std is None else _scalar_or_ptr(data_std, x.device)
+    if data_std is None:
+        dsp, dsv = None, 1.0
+    elif isinstance(data_std, torch.Tensor) and not (data_std.device.type == "cpu" and x.device.type != "cpu"):
+        dsp, dsv, _ = _scalar_or_ptr(data_std, x.device)            # a device scalar: 1 / it in the kernel
+    else:
+        # host reciprocal: of the Python float as released, of a CPU tensor as the reference does
+        dsv = float(1.0 / data_std.float()) if isinstance(data_std, torch.Tensor) else 1.0 / float(data_std)
+        dsp = None
     dt = tnv - tv                                   # float64 difference, rounded to fp32 once in the kernel
     with interpreted_stdlib():
         _kernel(interpreting())[(triton.cdiv(S, block_s), B)](
@@ -186,7 +214,7 @@ def flow_step_triton(x, v, v_prev, t, t_next, data_std=None, to_uint8=False):
             x if tp is None else tp, x if tnp is None else tnp, x if dsp is None else dsp,
             dt, tv, tnv, dsv, tbs, tnbs, C, S,
             HAS_PREV=vp is not None, T_PTR=tp is not None, TN_PTR=tnp is not None,
-            DT_HOST=tp is None and tnp is None, DS_PTR=dsp is not None,
+            DT_HOST=tp is None and tnp is None, DS_PTR=dsp is not None, PRECISE=not interpreting(),
             MODE=mode, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=4)
     return out
 

@@ -1,4 +1,5 @@
 """flow_step / flow_preview: Triton kernel (CPU: TRITON_INTERPRET=1) and the torch path against the references."""
+import numpy as np
 import pytest
 import torch
 
@@ -87,8 +88,8 @@ def test_images_to_uint8_ref():
     img = torch.tensor([-1.5, -1.0, -0.999, 0.0, 0.5, 0.999, 1.0, 1.2]).view(1, 1, 1, 8).expand(2, 3, 1, 8)
     u = images_to_uint8_ref(img)
     assert u.shape == (2, 1, 8, 3) and u.dtype == torch.uint8
-    # (img + 1) * 127.5 truncated: 0.0 -> 127 (127.5), 0.5 -> 191 (191.25), 0.999 -> 254 (254.87)
-    assert u[0, 0, :, 0].tolist() == [0, 0, 0, 127, 191, 254, 255, 255]
+    # 127.5 * img + 128 truncated: 0.0 -> 128, 0.5 -> 191 (191.75), 0.999 -> 255 (255.37), -0.999 -> 0 (0.63)
+    assert u[0, 0, :, 0].tolist() == [0, 0, 0, 128, 191, 255, 255, 255]
     assert torch.equal(u[..., 0], u[..., 2])
     assert torch.equal(images_to_uint8_ref(img.to(torch.bfloat16)), images_to_uint8_ref(img.to(torch.bfloat16).float()))
 
@@ -96,10 +97,10 @@ def test_images_to_uint8_ref():
 @pytest.mark.parametrize("shape", [(3, 3, 20, 20), (2, 3, 24, 40)])
 @pytest.mark.parametrize("ab", [False, True])
 def test_uint8_output(backend, shape, ab):
-    """uint8 NHWC exactly as the reference, except a value whose float lies within the kernel-vs-reference
-    float disagreement (FMA contraction on GPU: ~1 ulp) of an integer boundary. Measured under the CPU
-    interpreter (numpy: no FMA): 200 runs of both shapes, 1.87M values, 0 differed and the float
-    images were bit-identical. Not yet measured on a GPU."""
+    """uint8 NHWC exactly as the reference, except a value whose float image lies within the kernel-vs-
+    reference disagreement of the flow update (FMA contraction of x + dt*d on GPU: ~1 ulp) of an integer
+    boundary; the conversion itself is exact (test_uint8_conversion_bit_exact). Under the CPU interpreter
+    (numpy: no FMA) the float images are bit-identical."""
     x, v, vp = [torch.randn(shape) * 0.6 for _ in range(3)]      # ~1% of the image beyond [-1, 1]: clamps too
     vp = vp if ab else None
     ds = 0.5
@@ -113,7 +114,7 @@ def test_uint8_output(backend, shape, ab):
         img_k = flow_step(x, v, vp, t, tn, data_std=ds)                # the kernel's own float image
         img_r = flow_step_ref(x, v, vp, t, tn) / ds
         delta = 127.5 * (img_k - img_r).abs().max().item() + 1e-4   # float disagreement on the 0..255 scale
-        val = ((img_r + 1) * 127.5).permute(0, 2, 3, 1)
+        val = (127.5 * img_r + 128).permute(0, 2, 3, 1)
         near = (val - val.round()).abs() <= delta
         assert diff.max() == 1 and near[diff > 0].all()
         assert (diff > 0).sum() <= 3
@@ -213,3 +214,35 @@ def test_gpu_cuda_graph_with_device_times(monkeypatch):
         ref = flow_step_ref(x, v, vp, t, tn)
         close32(out, ref)
         assert (u.int() - images_to_uint8_ref(ref / 0.5).int()).abs().max() <= 1
+
+
+def _released_uint8(img: torch.Tensor) -> np.ndarray:
+    """The released scripts' conversion, written independently in numpy float32: clamp(127.5 x + 128, 0, 255)
+    (multiply and add rounded separately), truncated to uint8, NHWC."""
+    a = img.float().numpy()
+    w = np.float32(127.5) * a
+    w = (w + np.float32(128.0)).astype(np.float32)
+    return np.clip(w, np.float32(0), np.float32(255)).astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+def test_uint8_conversion_bit_exact(backend):
+    """ops.images_to_uint8 and the fused preview output equal the released formula bit for bit, on fresh
+    random odd-sized images with ~20% of values outside [-1, 1]."""
+    from dar_fast import ops
+    img = torch.randn(3, 3, 17, 23) * 0.8
+    img[0, 0, 0, :4] = torch.tensor([-1.0, 1.0, 0.0, 2.5])
+    want = _released_uint8(img)
+    assert np.array_equal(ops.images_to_uint8(img).numpy(), want)
+    # fused: x = img * data_std, v = 0, so the kernel's image is img exactly (data_std 0.5: 1/0.5 = 2 exact)
+    u = flow_step(img * 0.5, torch.zeros_like(img), None, 0.0, 0.25, data_std=0.5, to_uint8=True)
+    assert np.array_equal(u.numpy(), want)
+    # and it is not ADM's (x + 1) * 127.5 truncation, which is one lower on about half of the values
+    adm = ((img + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert 0.3 < (adm != want).mean() < 0.7
+
+
+def test_image_scale_is_reciprocal_multiply():
+    """The image is x * (1 / data_std) as the released decoder computes it (a rounded reciprocal)."""
+    x = torch.randn(2, 3, 9, 11)
+    img = flow_step(x, torch.zeros_like(x), None, 0.0, 0.5, data_std=0.6)
+    assert torch.equal(img, x * (1.0 / 0.6))

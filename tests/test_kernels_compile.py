@@ -79,10 +79,13 @@ def test_flow_step_compiles(mode, tptr, prev):
                  t_ptr="*fp32", tn_ptr="*fp32", ds_ptr="*fp32", dt_val="fp32", t_val="fp32", tn_val="fp32",
                  ds_val="fp32", t_bs="i32", tn_bs="i32", C="i32", S="i32")
     ptx, cubin = compile_sm90(k, types, dict(HAS_PREV=prev, T_PTR=tptr, TN_PTR=tptr, DT_HOST=not tptr, DS_PTR=tptr,
-                                             MODE=mode, BLOCK_C=4 if mode == 2 else 1,
+                                             PRECISE=True, MODE=mode, BLOCK_C=4 if mode == 2 else 1,
                                              BLOCK_S=256 if mode == 2 else 1024),
                               div16=("x_ptr", "v_ptr", "vp_ptr", "out_ptr", "S"))
     assert cubin and "div.full" not in ptx
+    if mode == 2:   # the uint8 conversion: rounded multiply and add, never fused into an FMA
+        # (ftz only flushes |x| < 1.2e-38, which gives 128 either way)
+        assert re.search(r"mul\.rn(\.ftz)?\.f32", ptx) and re.search(r"add\.rn(\.ftz)?\.f32", ptx)
     assert os.environ.get("TRITON_INTERPRET", "0") != "1"
 
 
