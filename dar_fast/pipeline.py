@@ -99,7 +99,10 @@ class Pipeline:
         """The sampling settings a call with these arguments uses: each given (non-None) value, else the model's
         recommended one (`self.defaults`, from its checkpoint or preset), else `dar_fast.defaults.LIBRARY_DEFAULTS`."""
         from dar_fast.defaults import resolve
-        return resolve(self.defaults, **given)[0]
+        values = resolve(self.defaults, **given)[0]
+        values.setdefault("steps", self.tok.check_steps(None))     # the tokenizer's own (num_denoising_steps)
+        values.setdefault("solver", "adams2")                       # the released solver
+        return values
 
     def sample(self, labels, cfg: Optional[CFG] = None, seed=0, temperature=None, top_k=None, top_p=None,
                prefix_tokens=None, sample_ids=None, steps: Optional[int] = None,
@@ -110,7 +113,8 @@ class Pipeline:
                                 solver=solver):
             pass
         return SampleOutput(images=last.preview, tokens=last.tokens,
-                            settings=self.settings(cfg=cfg, temperature=temperature, top_k=top_k, top_p=top_p))
+                            settings=self.settings(cfg=cfg, temperature=temperature, top_k=top_k, top_p=top_p,
+                                                   steps=steps, solver=solver))
 
     @torch.no_grad()
     def stream(self, labels, cfg: Optional[CFG] = None, seed=0, temperature=None, top_k=None, top_p=None,
@@ -123,8 +127,9 @@ class Pipeline:
         profile: a dict that receives seconds spent in 'ar' (prefill + decode steps) and 'tokenizer'
         (decoder layers + diffusion steps + previews); it synchronises the device, so use it to measure only."""
         tok, ar = self.tok, self.ar
-        s = self.settings(cfg=cfg, temperature=temperature, top_k=top_k, top_p=top_p)
+        s = self.settings(cfg=cfg, temperature=temperature, top_k=top_k, top_p=top_p, steps=steps, solver=solver)
         cfg, temperature, top_k, top_p = s["cfg"], s["temperature"], s["top_k"], s["top_p"]
+        steps, solver = s["steps"], s["solver"]
         labels = check_labels(ar, labels)
         B, N = labels.numel(), tok.num_tokens
         if B == 0:
