@@ -22,6 +22,7 @@ RESULT_KEYS = {"case", "impl", "ms", "ms_p20", "ms_p80", "method", "bytes", "gbp
     ("rms_norm", {"ar_decode fused residual", "train fwd+bwd"}),
     ("swiglu", {"ar_decode", "train fwd+bwd"}),
     ("adaln", {"modulate", "gated+modulate", "gated+modulate fwd+bwd"}),
+    ("decode_attention", {"batch1"}),
 ])
 def test_bench_smoke(tmp_path, name, cases):
     out = tmp_path / f"{name}.json"

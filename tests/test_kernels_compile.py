@@ -142,3 +142,27 @@ def test_adaln_compiles(dtype, gated, norm, mod):
                               dict(GATED=gated, NORM=norm, MOD=mod, HAS_GH=gated, BLOCK_C=1024),
                               div16=("h_ptr", "go_ptr", "dh_ptr", "C"))
     assert cubin and "div.full" not in ptx
+
+
+@pytest.mark.parametrize("dtype,G,single", [("bf16", 1, True), ("bf16", 4, False), ("fp32", 1, False)])
+def test_decode_attention_compiles(dtype, G, single):
+    from dar_fast.kernels import decode_attention as dm
+    split_k, combine = dm._kernels(False)
+    ints = ("Hk", "S_max", "chunk", "n_splits", "sqb", "sqh", "skb", "skh", "sks", "svb", "svh", "svs", "sob",
+            "soh", "slen")
+    p = f"*{dtype}"
+    ptx, cubin = compile_sm90(split_k, dict(q_ptr=p, k_ptr=p, v_ptr=p, len_ptr="*i32", o_ptr=p, m_ptr="*fp32",
+                                            l_ptr="*fp32", acc_ptr="*fp32", qk_scale="fp32",
+                                            **{n: "i32" for n in ints}),
+                              dict(G=G, G_PAD=16, D=64, BLOCK_D=64, BLOCK_N=64, SINGLE=single,
+                                   F32_DOT=dtype == "fp32"),
+                              div16=("q_ptr", "k_ptr", "v_ptr", "o_ptr", "sqb", "sqh", "skb", "skh", "sks", "svb",
+                                     "svh", "svs", "sob", "soh"))
+    assert cubin and "div.full" not in ptx
+    assert re.search(r"ld\.global(\.nc)?\.v[24]", ptx)                   # K/V rows with vector loads
+    if dtype == "bf16":
+        assert "mma" in ptx                                              # tensor-core dots (wgmma / mma.sync)
+    ptx, cubin = compile_sm90(combine, dict(o_ptr=p, m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32", Hq="i32",
+                                            n_splits="i32", sob="i32", soh="i32"),
+                              dict(D=64, BLOCK_D=64, SPLITS_PAD=8))
+    assert cubin and "div.full" not in ptx
