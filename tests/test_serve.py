@@ -56,7 +56,7 @@ def _pixels(b64: str) -> np.ndarray:
 def _same_as_pipeline(ref, body, resp):
     """Tokens and decoded PNG pixels equal Pipeline.sample for the same keys (exact equality)."""
     kw = dict(cfg=body.get("cfg", CFG), seed=body.get("seed", 0))
-    for k in ("temperature", "top_k", "top_p", "sample_ids"):
+    for k in ("temperature", "top_k", "top_p", "sample_ids", "steps", "solver"):
         if k in body:
             kw[k] = body[k]
     if "prefix_tokens" in body:
@@ -99,6 +99,8 @@ def test_concurrent_results_equal_pipeline_sample(server, ref):
         {"labels": [1, 6], "seed": 8, "prefix_tokens": [[5, 17, 200, 3, 9, 44, 1, 0, 90, 91]]},
         {"labels": [2, 3, 4, 5], "seed": 1},
         {"labels": [9], "seed": 12345678901},
+        {"labels": [3, 8], "seed": 6, "steps": 6, "solver": "euler"},        # 6 diffusion steps over 4 groups
+        {"labels": [0], "seed": 2, "steps": 3},
     ]
     seen0 = batcher.max_rows_seen
     # everything at once, from 10 threads, twice over (the second round joins a running engine)
@@ -130,7 +132,7 @@ def test_stream_previews_then_done(server, ref):
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
     events = _sse(r.text)
     assert [e for e, _ in events] == ["preview"] * 4 + ["done"]
-    assert [d["group"] for _, d in events[:4]] == [0, 1, 2, 3]
+    assert [d["group"] for _, d in events[:4]] == [0, 1, 2, 3] and [d["step"] for _, d in events[:4]] == [0, 1, 2, 3]
     done = events[-1][1]
     assert events[3][1]["images"] == done["images"]                      # the last preview is the image
     assert events[0][1]["images"] != done["images"]                      # earlier ones are rougher
@@ -165,8 +167,10 @@ def test_stream_previews_then_done(server, ref):
     ({"labels": [1], "seed": 2 ** 64}, 400, "int64"),
     ({"labels": [1], "seed": "7"}, 400, "integer"),
     ({"labels": [1, 2], "sample_ids": [1]}, 400, "sample_ids"),
-    ({"labels": [1], "steps": 8}, 400, "not supported"),
-    ({"labels": [1], "solver": "euler"}, 400, "not supported"),
+    ({"labels": [1], "steps": 0}, 400, "steps"),
+    ({"labels": [1], "steps": 2.5}, 400, "steps"),
+    ({"labels": [1], "steps": 10 ** 6}, 400, "steps"),
+    ({"labels": [1], "solver": "rk4"}, 400, "solver"),
     ({"labels": [1], "lables": [2]}, 400, "unknown field"),
 ])
 def test_bad_input_gets_its_4xx(server, body, status, words):
@@ -178,6 +182,20 @@ def test_bad_input_gets_its_4xx(server, body, status, words):
         err = r.json()["error"]
         assert words in err and "\n" not in err
     assert httpx.get(url + "/health").json()["status"] == "ok"           # still serving
+
+
+def test_stream_with_more_steps_than_groups(server, ref):
+    url, _ = server
+    body = {"labels": [5], "seed": 4, "steps": 6}
+    r = httpx.post(url + "/v1/generate/stream", json=body, timeout=60)
+    events = _sse(r.text)
+    assert [e for e, _ in events] == ["preview"] * 6 + ["done"]           # one preview per diffusion step
+    steps = list(ref.stream([5], cfg=CFG, seed=4, steps=6))
+    assert [d["group"] for _, d in events[:6]] == [s.group for s in steps] == [0, 1, 1, 2, 3, 3]
+    for (_, d), st in zip(events[:6], steps):
+        assert np.array_equal(_pixels(d["images"][0]), st.preview[0].numpy())
+    assert events[-1][1]["settings"]["steps"] == 6 and events[-1][1]["settings"]["solver"] == "adams2"
+    _same_as_pipeline(ref, body, events[-1][1])
 
 
 def test_unknown_route_and_method(server):

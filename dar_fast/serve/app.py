@@ -52,7 +52,7 @@ def create_app(pipe, max_batch: int = 64, max_queue: int = 256, defaults: dict |
     """The app around a loaded Pipeline; the batcher's worker starts with the app (lifespan) and owns `pipe`."""
     tok = pipe.tok
     C, N = pipe.num_classes, tok.num_tokens
-    defaults = dict(defaults or {})
+    defaults = dict(defaults if defaults is not None else (getattr(pipe, "defaults", None) or {}))
     names = class_names or (DIGIT_NAMES if C == 10 else [f"class {i}" for i in range(C)])
     batcher = Batcher(pipe, max_batch=max_batch, max_queue=max_queue)
     latency = {"ema": None}           # seconds per request, for Retry-After
@@ -113,11 +113,12 @@ def create_app(pipe, max_batch: int = 64, max_queue: int = 256, defaults: dict |
         return Job(labels=labels, seeds=torch.full((B,), req["seed"], dtype=torch.int64),
                    ids=torch.tensor(req["sample_ids"], dtype=torch.int64), scales=scales,
                    temperature=req["temperature"], top_k=req["top_k"], top_p=req["top_p"], prefix=req["prefix"],
-                   previews=previews, emit=emit)
+                   previews=previews, emit=emit, steps=req["steps"], solver=req["solver"])
 
     def settings(req: dict) -> dict:
         return {"cfg": req["cfg"], "seed": req["seed"], "sample_ids": req["sample_ids"],
                 "temperature": req["temperature"], "top_k": req["top_k"], "top_p": req["top_p"],
+                "steps": req["steps"] if req["steps"] is not None else len(tok.schedule()[1]), "solver": req["solver"],
                 "prefix_length": 0 if req["prefix"] is None else int(req["prefix"].shape[1]),
                 "sources": req["sources"]}
 
@@ -175,7 +176,7 @@ def create_app(pipe, max_batch: int = 64, max_queue: int = 256, defaults: dict |
                     kind, payload = await q.get()
                     if kind == "preview":
                         images = await asyncio.to_thread(png_base64, payload["images"])
-                        data = {"group": payload["group"], "images": images}
+                        data = {"group": payload["group"], "step": payload["step"], "images": images}
                     elif kind == "done":
                         images = await asyncio.to_thread(png_base64, payload["images"])
                         data = {"images": images, "tokens": payload["tokens"].tolist(), "settings": settings(req)}

@@ -1,25 +1,28 @@
 """Continuous batching for `dar-fast serve`: one worker thread owns the model and the device.
 
-Why cohorts. The AR model decodes a batch at one shared sequence slot (one KV slot and
-one RoPE position for every row), so rows at different positions cannot share a decode
-step. The worker keeps several *cohorts* in flight instead: a cohort is a set of rows
-at the same (group, position) with the same sampling settings, holding its own AR KV
-cache. The worker advances the cohorts round-robin, one group (G tokens + one diffusion
-step) per turn, so a request that arrives now starts at the next group boundary instead
-of waiting for the running batch to finish; cohorts that reach the same (group,
-position) with the same settings merge into one batch; a request whose rows finish
-leaves at once; a cancelled request (client gone) is cut out of its cohort's cache.
+Why cohorts. The AR decode step runs a batch at one shared sequence slot (one KV slot and
+one RoPE position for every row), so rows at different positions cannot share a step. The
+worker keeps several *cohorts* in flight instead: a cohort is a set of rows at the same
+diffusion step and token position with the same sampling settings and schedule, holding
+its own AR KV cache (an engine `DecodeStep`). The worker advances the cohorts
+round-robin, one diffusion step (its tokens + one tokenizer step) per turn, so a request
+that arrives now starts at the next step boundary instead of waiting for the running
+batch to finish; cohorts that reach the same (step, position) with the same settings
+merge into one batch; a request whose rows finish leaves at once; a cancelled request
+(client gone) is cut out of its cohort's cache.
 
-Exactness. Every random number of a row comes from its key (seed, sample id, position),
-so a row's tokens depend on its own logits only. Rows of different requests share the
-AR batches; the tokenizer side (condition tokens, velocity, flow step, previews) runs
-per request with exactly the calls and shapes of `Pipeline.stream`, so for the same
-tokens the pixels are the same bits. The AR logits of a row are the same bits in any
-batch when the matmuls are row-invariant: measured on this project's CPU (MKL, one
-thread) a Linear is row-invariant for batches of >= 4 rows; a 1-label request alone
-(2 rows with CFG) takes MKL's small-batch path and its logits differ by ~1e-6, which
-changes a token only if its draw lands within ~1e-6 of a CDF boundary (see the report
-in benchmarks/results/serve-cpu-*.json and tests/test_serve.py for what was checked).
+Exactness. The work runs in the engine's own step objects (`engine_graphs.DecodeStep`,
+`TokenizerStep`), eager, with the calls `engine.stream` makes. Every random number of a row
+comes from its key (seed, sample id, position), so a row's tokens depend on its own logits
+only. The tokenizer side (condition tokens, diffusion steps, previews) runs per request with
+the request's own batch, so for the same tokens the pixels are the same bits as
+`Pipeline.stream`. Rows of different requests share the AR batches; a row's logits are the
+same bits in any batch when the matmuls are row-invariant: measured on this project's CPU
+(MKL, one thread) a Linear is row-invariant from 4 rows up, so any request with >= 2 labels
+(4 rows with CFG) gets exactly Pipeline.sample's tokens. A 1-label request alone in
+Pipeline.sample (2 rows) takes MKL's small-batch path, whose logits differ by ~1e-6 from the
+batched ones: its tokens can differ only when a draw lands within ~1e-6 of a CDF boundary
+(0 of the 100s of answers the tests and benchmarks/bench_serve.py compare did).
 """
 from __future__ import annotations
 
@@ -31,9 +34,10 @@ from typing import Callable, List, Optional
 
 import torch
 
-from dar_fast import ops
-from dar_fast.models.ar import KVCache
+from dar_fast.engine_graphs import DecodeStep, TokenizerStep
 from dar_fast.seeding import sample_noise
+
+MODE = "eager"      # cohorts come and go with every batch size: compiling or capturing each would cost more than it saves
 
 
 class QueueFull(Exception):
@@ -44,7 +48,7 @@ class QueueFull(Exception):
 class Job:
     """One request: B rows with their keys and settings, and what the worker tells its client.
 
-    emit(kind, payload) is called from the worker thread: ("preview", {"group", "images"}),
+    emit(kind, payload) is called from the worker thread: ("preview", {"step", "group", "images"}),
     ("done", {"images", "tokens"}) or ("error", {"error"}); images are (B,H,W,3) uint8 CPU tensors.
     """
     labels: torch.Tensor                  # (B,) int64
@@ -57,12 +61,13 @@ class Job:
     prefix: Optional[torch.Tensor]        # (B,P) int64
     previews: bool
     emit: Callable[[str, dict], None]
+    steps: Optional[int] = None           # diffusion steps (None: the tokenizer's own)
+    solver: str = "adams2"
     cancelled: bool = False
     # worker state
-    tokens: Optional[torch.Tensor] = None
-    x: Optional[torch.Tensor] = None
-    v_prev: Optional[torch.Tensor] = None
-    cond_cache: Optional[list] = None
+    tokens: Optional[torch.Tensor] = None     # (B,N) the request's tokens, read by its TokenizerStep
+    ts: Optional[TokenizerStep] = None
+    cond_groups: int = 0
     id: int = field(default_factory=itertools.count().__next__)
 
     @property
@@ -74,43 +79,44 @@ class Job:
         return 0 if self.prefix is None else self.prefix.shape[1]
 
     def cancel(self):
-        self.cancelled = True            # read by the worker at the next group boundary (a bool store is atomic)
+        self.cancelled = True            # read by the worker at the next step boundary (a bool store is atomic)
 
 
 class _Cohort:
-    """Rows at one (group, position) sharing an AR batch: rows [cond of job 1, job 2, ...; null of job 1, ...]."""
+    """Jobs sharing one AR batch: DecodeStep rows [cond of job 1, job 2, ...; null of job 1, job 2, ...]."""
 
-    def __init__(self, jobs: List[Job], group: int, pos: int, caches: List[KVCache], logits):
-        self.jobs, self.group, self.pos, self.caches, self.logits = jobs, group, pos, caches, logits
+    def __init__(self, jobs: List[Job], dec: DecodeStep, step: int, done: int, schedule):
+        self.jobs, self.dec, self.step, self.done = jobs, dec, step, done
+        self.times, self.groups, self.starts = schedule
         j0 = jobs[0]
         self.guided = j0.scales is not None
         self.settings = (j0.temperature, j0.top_k, j0.top_p)
+        self.scales_key = None if j0.scales is None else tuple(j0.scales.tolist())
+        self.sched_key = (j0.steps, j0.solver)
 
     @property
     def B(self) -> int:
         return sum(j.B for j in self.jobs)
 
     def key(self):
-        return (self.group, self.pos, self.guided, self.settings)
+        return (self.step, self.done, self.guided, self.settings, self.scales_key, self.sched_key)
 
-    def row_index(self, keep: List[Job]) -> torch.Tensor:
-        """Rows (in cache layout) of the jobs in `keep`, in their current order."""
+    def rows_of(self, keep: List[Job]) -> torch.Tensor:
+        """Batch rows (cond half) of the jobs in `keep`, in their current order."""
         starts, s = {}, 0
         for j in self.jobs:
             starts[j.id] = s
             s += j.B
-        idx = [r for j in keep for r in range(starts[j.id], starts[j.id] + j.B)]
-        if self.guided:
-            idx = idx + [self.B + r for r in idx]
-        return torch.tensor(idx, dtype=torch.int64)
+        return torch.tensor([r for j in keep for r in range(starts[j.id], starts[j.id] + j.B)], dtype=torch.int64)
 
 
-def _halves(t: torch.Tensor, B: int, guided: bool):
-    return (t[:B], t[B:]) if guided else (t, t[:0])
+def _job_key(j: Job):
+    return (j.P, j.scales is not None, (j.temperature, j.top_k, j.top_p),
+            None if j.scales is None else tuple(j.scales.tolist()), (j.steps, j.solver))
 
 
 class Batcher:
-    """The worker thread and its queue. submit() from any thread; everything else runs in the worker."""
+    """The worker thread and its queue. submit() and call() from any thread; everything else runs in the worker."""
 
     def __init__(self, pipe, max_batch: int = 64, max_queue: int = 256):
         if max_batch < 1 or max_queue < 1:
@@ -126,10 +132,10 @@ class Batcher:
         self._stop = False
         self.queued_rows = 0
         self.running_rows = 0
-        self.steps = 0                     # cohort-group steps taken (tests read it)
-        self.max_rows_seen = 0             # largest AR batch (rows of one cohort) run so far
-        self._thread = threading.Thread(target=self._loop, name="dar-fast-serve-engine", daemon=True)
+        self.steps = 0                     # cohort steps taken (tests read it)
+        self.max_rows_seen = 0             # largest AR batch (rows of one cohort, CFG rows included) so far
         self.error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._loop, name="dar-fast-serve-engine", daemon=True)
 
     # ------------------------------------------------------------------ any thread
     def start(self):
@@ -201,7 +207,7 @@ class Batcher:
             j.emit("error", {"error": "server shutting down"})
 
     def _take_admissible(self) -> List[Job]:
-        """FIFO: jobs that fit beside the running rows (a job waits rather than be overtaken)."""
+        """FIFO: the jobs that fit beside the running rows (a job waits rather than be overtaken)."""
         out = []
         free = self.max_batch - self.running_rows
         while self._pending:
@@ -219,50 +225,46 @@ class Batcher:
         self.running_rows = self.max_batch - free
         return out
 
-    def _new_caches(self, rows: int) -> List[KVCache]:
-        ar = self.ar
-        L = ar.num_tokens + 1                    # as ARModel.setup_cache: the class token + N slots
-        return [KVCache(rows, layer.attention.n_kv, L, layer.attention.hd, ar.dtype, self.dev) for layer in ar.layers]
-
-    def _use(self, caches: List[KVCache], rows: int):
-        # the AR model reads its KV cache from its layers: point them at this cohort's buffers
-        ar = self.ar
-        if getattr(ar, "causal_mask", None) is None or ar.cache_len != ar.num_tokens + 1:
-            ar.setup_cache(rows)
-        for layer, kv in zip(ar.layers, caches):
-            layer.attention.kv_cache = kv
-        ar.cache_batch = rows
+    def _decode_step(self, B: int, guided: bool, settings) -> DecodeStep:
+        # a fresh KV cache: DecodeStep takes the buffers ARModel.setup_cache leaves installed, which it
+        # reuses when the row count matches (another cohort's buffers)
+        self.ar.cache_batch = -1
+        dec = DecodeStep(self.ar, B, guided, *settings, MODE)
+        self.ar.cache_batch = -1
+        return dec
 
     def _admit(self, jobs: List[Job]):
         tok, N = self.tok, self.tok.num_tokens
+        size = tok.decode_size()
         groups = collections.OrderedDict()
         for j in jobs:
             if j.cancelled:
                 self.running_rows -= j.B
                 continue
-            # per-request tokenizer state, as Pipeline.stream makes it
+            # the request's tokenizer side, as engine.stream sets it up for this batch
             j.tokens = torch.zeros(j.B, N, dtype=torch.int64, device=self.dev)
             if j.P:
                 j.tokens[:, :j.P] = j.prefix.to(self.dev)
-            j.x = sample_noise(j.seeds, j.ids, (3, *tok.image_size)).to(self.dev, torch.float32)
-            j.v_prev = None
-            j.cond_cache = tok.new_cond_cache(j.B)
-            key = (j.P, j.scales is not None, j.temperature, j.top_k, j.top_p)
-            groups.setdefault(key, []).append(j)
-        for (P, guided, *_), js in groups.items():
-            B = sum(j.B for j in js)
-            rows = 2 * B if guided else B
-            caches = self._new_caches(rows)
-            logits = None
+            j.ts = TokenizerStep(tok, j.B, size, MODE)
+            j.ts.load(j.tokens, sample_noise(j.seeds, j.ids, (3, *size)).to(self.dev, torch.float32))
+            times, _ = tok.schedule(j.steps)
+            j.ts.schedule(times, j.solver)
+            j.cond_groups = 0
+            groups.setdefault(_job_key(j), []).append(j)
+        for js in groups.values():
+            j0 = js[0]
+            guided = j0.scales is not None
+            dec = self._decode_step(sum(j.B for j in js), guided, (j0.temperature, j0.top_k, j0.top_p))
+            prefix = torch.cat([j.prefix for j in js]).to(self.dev) if j0.P else None
+            P = dec.load(torch.cat([j.seeds for j in js]).to(self.dev), torch.cat([j.ids for j in js]).to(self.dev),
+                         None if j0.scales is None else j0.scales.to(self.dev), prefix)
             if P < N:
                 lab = torch.cat([j.labels for j in js]).to(self.dev)
-                pre = torch.cat([j.prefix for j in js]).to(self.dev) if P else None
-                if guided:
-                    lab = torch.cat([lab, torch.full_like(lab, self.ar.null_class)])
-                    pre = None if pre is None else torch.cat([pre, pre])
-                self._use(caches, rows)
-                logits = self.ar.prefill(lab, pre)
-            self._cohorts.append(_Cohort(js, 0, P, caches, logits))
+                lab = torch.cat([lab, torch.full_like(lab, self.ar.null_class)]) if guided else lab
+                pre = None if prefix is None else (torch.cat([prefix, prefix]) if guided else prefix)
+                dec.logits.copy_(self.ar.prefill(lab, pre))                       # (rows, V) predicts token P
+            times, groups_ = tok.schedule(j0.steps)
+            self._cohorts.append(_Cohort(js, dec, 0, P, (times, groups_, tok.query_starts(j0.steps))))
 
     def _drop_cancelled(self):
         for c in list(self._cohorts):
@@ -270,19 +272,44 @@ class Batcher:
             if gone:
                 self._remove(c, gone)
 
+    def _rebuild(self, parts):
+        """A new DecodeStep holding the given (cohort, rows) in order: KV cache, logits, tokens, keys copied."""
+        c0 = parts[0][0]
+        B = sum(len(r) for _, r in parts)
+        dec = self._decode_step(B, c0.guided, c0.settings)
+        dev = self.dev
+
+        def rows(c, r):      # cache rows: cond half, then (with CFG) the null half
+            r = r.to(dev)
+            return r, (r + c.B if c.guided else None)
+
+        idx = [rows(c, r) for c, r in parts]
+        for li, kv in enumerate(dec.caches):
+            for name in ("k_cache", "v_cache"):
+                src = [getattr(c.dec.caches[li], name) for c, _ in parts]
+                cat = [s.index_select(0, i[0]) for s, i in zip(src, idx)]
+                if c0.guided:
+                    cat += [s.index_select(0, i[1]) for s, i in zip(src, idx)]
+                getattr(kv, name).copy_(torch.cat(cat))
+        lg = [c.dec.logits.index_select(0, i[0]) for (c, _), i in zip(parts, idx)]
+        if c0.guided:
+            lg += [c.dec.logits.index_select(0, i[1]) for (c, _), i in zip(parts, idx)]
+        dec.logits.copy_(torch.cat(lg))
+        for name in ("tokens", "seeds", "ids"):
+            getattr(dec, name).copy_(torch.cat([getattr(c.dec, name).index_select(0, i[0]) for (c, _), i in zip(parts, idx)]))
+        dec.scales.copy_(c0.dec.scales)
+        dec.pos.copy_(c0.dec.pos)
+        return dec
+
     def _remove(self, c: _Cohort, gone: List[Job]):
         keep = [j for j in c.jobs if j not in gone]
         self.running_rows -= sum(j.B for j in gone)
+        for j in gone:
+            j.ts = None
         if not keep:
             self._cohorts.remove(c)
             return
-        idx = c.row_index(keep).to(self.dev)
-        new = self._new_caches(len(idx))
-        for a, b in zip(new, c.caches):
-            a.k_cache.copy_(b.k_cache.index_select(0, idx))
-            a.v_cache.copy_(b.v_cache.index_select(0, idx))
-        c.caches = new
-        c.logits = None if c.logits is None else c.logits.index_select(0, idx)
+        c.dec = self._rebuild([(c, c.rows_of(keep))])
         c.jobs = keep
 
     def _merge(self):
@@ -293,23 +320,11 @@ class Batcher:
             return
         merged = []
         for cs in by_key.values():
-            if len(cs) == 1:
-                merged.append(cs[0])
-                continue
-            guided = cs[0].guided
-            parts = [_halves(torch.arange(2 * c.B if guided else c.B), c.B, guided) for c in cs]
-            caches = self._new_caches(sum(2 * c.B if guided else c.B for c in cs))
-            for li, kv in enumerate(caches):
-                for name in ("k_cache", "v_cache"):
-                    src = [getattr(c.caches[li], name) for c in cs]
-                    cond = [s.index_select(0, p[0]) for s, p in zip(src, parts)]
-                    null = [s.index_select(0, p[1]) for s, p in zip(src, parts)]
-                    getattr(kv, name).copy_(torch.cat(cond + null))
-            logits = None
-            if cs[0].logits is not None:
-                logits = torch.cat([c.logits.index_select(0, p[0]) for c, p in zip(cs, parts)]
-                                   + [c.logits.index_select(0, p[1]) for c, p in zip(cs, parts)])
-            merged.append(_Cohort([j for c in cs for j in c.jobs], cs[0].group, cs[0].pos, caches, logits))
+            if len(cs) > 1:
+                dec = self._rebuild([(c, c.rows_of(c.jobs)) for c in cs])
+                c0 = cs[0]
+                cs = [_Cohort([j for c in cs for j in c.jobs], dec, c0.step, c0.done, (c0.times, c0.groups, c0.starts))]
+            merged.append(cs[0])
         self._cohorts = merged
         self._rr = 0
 
@@ -320,51 +335,32 @@ class Batcher:
         return c
 
     def _advance(self, c: _Cohort):
-        """One group of cohort c: its G tokens (batched over every request in it), then each request's
-        tokenizer step and preview (per request, as Pipeline.stream)."""
-        tok, N, G, K = self.tok, self.tok.num_tokens, self.tok.group_size, self.tok.num_groups
-        g, B, guided = c.group, c.B, c.guided
-        end = (g + 1) * G
-        if c.pos < end and c.pos < N:
-            temperature, top_k, top_p = c.settings
-            rows = 2 * B if guided else B
-            self._use(c.caches, rows)
-            self.max_rows_seen = max(self.max_rows_seen, rows)
-            seeds = torch.cat([j.seeds for j in c.jobs]).to(self.dev)
-            ids = torch.cat([j.ids for j in c.jobs]).to(self.dev)
-            scales = torch.stack([j.scales for j in c.jobs]).to(self.dev) if guided else None  # (jobs, N)
-            reps = torch.tensor([j.B for j in c.jobs], device=self.dev)
-            while c.pos < end:
-                p = c.pos
-                cond, unc = _halves(c.logits, B, guided)
-                scale = scales[:, p].repeat_interleave(reps) if guided else 1.0
-                t = ops.sample_tokens(cond, unc if guided else None, cfg_scale=scale, temperature=temperature,
-                                      top_k=top_k, top_p=top_p, seeds=seeds, sample_ids=ids, positions=p)
-                s = 0
-                for j in c.jobs:
-                    j.tokens[:, p] = t[s:s + j.B]
-                    s += j.B
-                if p < N - 1:
-                    c.logits = self.ar.decode_one(torch.cat([t, t]) if guided else t, p + 1)
-                c.pos += 1
-        ts = tok.times()
-        data_std = tok.cfg.diff_decoder.data_std
-        last = g == K - 1
+        """Diffusion step i of cohort c: the tokens it needs (batched over every request in the cohort), then
+        each request's tokenizer step and preview (per request, as engine.stream runs them)."""
+        N, G = self.tok.num_tokens, self.tok.group_size
+        i, S = c.step, len(c.groups)
+        last = i == S - 1
+        need = N if last else max((c.groups[i] + 1) * G, c.starts[i] + G)
+        if c.done < need:
+            self.max_rows_seen = max(self.max_rows_seen, c.dec.rows)
+            c.dec.run(c.done, need)
+            c.done = need
+            s = 0
+            for j in c.jobs:                    # the requests' token buffers, read by their TokenizerSteps
+                j.tokens.copy_(c.dec.tokens[s:s + j.B])
+                s += j.B
         for j in c.jobs:
-            cond = tok.cond_incremental(j.tokens[:, g * G:(g + 1) * G], g * G, j.cond_cache)
-            tt = torch.full((j.B,), ts[g], device=self.dev, dtype=torch.float32)
-            v = tok.velocity(j.x.to(tok.dtype), tt, cond).float()
+            while j.cond_groups * G < c.starts[i] + G:
+                j.ts.cond_group(j.cond_groups)
+                j.cond_groups += 1
+            j.ts.diffusion(i, c.starts[i], preview=j.previews or last)
             if j.previews or last:
-                # the preview is the update taken straight to t = 1; after the last group it is the image
-                img = ops.flow_preview(j.x, v, j.v_prev, ts[g], data_std=data_std, to_uint8=True).cpu()
+                img = j.ts.image.clone().cpu()
                 if j.previews:
-                    j.emit("preview", {"group": g, "images": img})
+                    j.emit("preview", {"step": i, "group": c.groups[i], "images": img})
                 if last:
-                    j.emit("done", {"images": img, "tokens": j.tokens.cpu()})
-            if not last:
-                j.x = ops.flow_step(j.x, v, j.v_prev, ts[g], ts[g + 1])
-            j.v_prev = v
-        c.group += 1
+                    j.emit("done", {"images": img, "tokens": j.tokens.cpu().clone()})
+        c.step += 1
         self.steps += 1
         if last:
             self._remove(c, list(c.jobs))

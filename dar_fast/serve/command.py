@@ -71,7 +71,7 @@ def model_defaults(pipe, digits: bool) -> dict:
         d = getattr(pipe, attr, None)
         if isinstance(d, dict) and d:
             return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()
-                    if k in ("cfg", "temperature", "top_k", "top_p")}
+                    if k in ("cfg", "temperature", "top_k", "top_p", "steps", "solver")}
     if digits:
         from dar_fast.assets import DIGITS_DEFAULTS
         return dict(DIGITS_DEFAULTS)

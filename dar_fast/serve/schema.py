@@ -17,6 +17,8 @@ GENERATE_KEYS = ("labels", "cfg", "seed", "sample_ids", "temperature", "top_k", 
                  "prefix_tokens")
 LIBRARY_DEFAULTS = {"cfg": 4.0, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
 MAX_IMAGE_BYTES = 8 << 20            # an upload larger than 8 MiB is not a layout reference
+SOLVERS = ("adams2", "euler")
+MAX_STEPS = 1000                     # one preview event per step: more than this is a mistake, not a setting
 
 
 class BadRequest(ValueError):
@@ -69,11 +71,18 @@ def check_generate(body, *, num_classes: int, num_tokens: int, codebook_size: in
     if bad:
         raise BadRequest(f"unknown class id(s) {bad[:8]}: this model has classes 0..{num_classes - 1}")
     B = len(labels)
-    for k in ("steps", "solver"):
-        if body.get(k) is not None:
-            raise BadRequest(f"{k} is not supported by this server: the serve engine runs the model's own "
-                             f"diffusion schedule (leave {k} out)")
     out, sources = {"labels": labels}, {}
+    steps = body.get("steps")
+    sources["steps"] = "given" if steps is not None else ("model" if defaults.get("steps") else "default")
+    steps = steps if steps is not None else defaults.get("steps")
+    if steps is not None and (not _is_int(steps) or not 1 <= steps <= MAX_STEPS):
+        raise BadRequest(f"steps must be an integer in [1, {MAX_STEPS}] (diffusion steps), got {steps!r}")
+    solver = body.get("solver")
+    sources["solver"] = "given" if solver is not None else ("model" if defaults.get("solver") else "default")
+    solver = solver if solver is not None else defaults.get("solver", "adams2")
+    if solver not in SOLVERS:
+        raise BadRequest(f"solver must be one of {list(SOLVERS)}, got {solver!r}")
+    out["steps"], out["solver"] = steps, solver
     for k in ("cfg", "temperature", "top_k", "top_p"):
         given = body.get(k)
         sources[k] = "given" if given is not None else ("model" if k in defaults else "default")
