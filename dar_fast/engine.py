@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Tuple
 
 import torch
 
@@ -34,6 +34,7 @@ class StreamStep:
     group: int                       # the token group that step read
     tokens: torch.Tensor             # (B, T) int64, the tokens generated so far (all N at the last step)
     preview: Optional[torch.Tensor]  # (B,H,W,3) uint8 jump-to-t=1 estimate; after the last step, the final image
+    rows: Optional[Tuple[int, int]] = None   # Pipeline.stream in chunks (max_batch < B): the labels [start, stop) covered
 
 
 def default_mode(device, compile: Optional[bool] = None, use_cuda_graphs: Optional[bool] = None) -> str:

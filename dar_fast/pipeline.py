@@ -14,7 +14,8 @@ from typing import Iterator, Optional
 
 import torch
 
-from dar_fast import engine, ops
+from dar_fast import batching, engine, ops
+from dar_fast.errors import UsageError
 from dar_fast.engine import StreamStep  # noqa: F401  (StreamStep is public API)
 from dar_fast.models import ARModel, Tokenizer
 from dar_fast.sampler import (CFG, SampleOutput, cfg_schedule, check_compatible, check_labels, check_prefix,
@@ -106,23 +107,40 @@ class Pipeline:
 
     def sample(self, labels, cfg: Optional[CFG] = None, seed=0, temperature=None, top_k=None, top_p=None,
                prefix_tokens=None, sample_ids=None, steps: Optional[int] = None,
-               solver: Optional[str] = None) -> SampleOutput:
-        last = None
-        for last in self.stream(labels, cfg=cfg, seed=seed, temperature=temperature, top_k=top_k, top_p=top_p,
-                                prefix_tokens=prefix_tokens, sample_ids=sample_ids, previews=False, steps=steps,
-                                solver=solver):
-            pass
-        return SampleOutput(images=last.preview, tokens=last.tokens,
+               solver: Optional[str] = None, max_batch: Optional[int] = None) -> SampleOutput:
+        """Images for any number of labels, generated `max_batch` at a time (default: what fits in memory,
+        `dar_fast.batching`); the result is identical to one batch: every sample keeps its key (seed, index)."""
+        labels = check_labels(self.ar, labels)           # an int64 tensor: the check in stream is then cheap
+        images = tokens = None
+        for st in self.stream(labels, cfg=cfg, seed=seed, temperature=temperature, top_k=top_k, top_p=top_p,
+                              prefix_tokens=prefix_tokens, sample_ids=sample_ids, previews=False, steps=steps,
+                              solver=solver, max_batch=max_batch):
+            if st.preview is None:          # previews=False: only each chunk's last step carries its images
+                continue
+            if st.rows is None:
+                images, tokens = st.preview, st.tokens
+                continue
+            a, b = st.rows
+            if images is None:              # filled chunk by chunk: no concatenation, no second copy
+                B = labels.numel()
+                images = torch.empty((B, *st.preview.shape[1:]), dtype=st.preview.dtype)
+                tokens = torch.empty((B, *st.tokens.shape[1:]), dtype=st.tokens.dtype)
+            images[a:b], tokens[a:b] = st.preview, st.tokens
+        return SampleOutput(images=images, tokens=tokens,
                             settings=self.settings(cfg=cfg, temperature=temperature, top_k=top_k, top_p=top_p,
                                                    steps=steps, solver=solver))
 
     @torch.no_grad()
     def stream(self, labels, cfg: Optional[CFG] = None, seed=0, temperature=None, top_k=None, top_p=None,
                prefix_tokens=None, sample_ids=None, previews: bool = True, steps: Optional[int] = None,
-               solver: Optional[str] = None,
-               profile: Optional[dict] = None) -> Iterator[StreamStep]:
+               solver: Optional[str] = None, profile: Optional[dict] = None,
+               max_batch: Optional[int] = None) -> Iterator[StreamStep]:
         """Yield a StreamStep after every diffusion step (steps: default the tokenizer's; solver: "adams2"
         (default) or "euler"); the last step's preview is the final image, its tokens all N tokens.
+
+        max_batch: labels generated at once (default `batching.default_max_batch`: what fits in memory). With
+        more labels than that, the chunks run one after another and each step says which labels it covers
+        (`step.rows = (start, stop)`; None when one chunk covers all); samples are identical either way.
 
         profile: a dict that receives seconds spent in 'ar' (prefill + decode steps) and 'tokenizer'
         (decoder layers + diffusion steps + previews); it synchronises the device, so use it to measure only."""
@@ -141,5 +159,22 @@ class Pipeline:
         tok.check_steps(steps)
         if solver not in (None, "adams2", "euler"):
             raise ValueError(f"solver must be 'adams2' or 'euler', got {solver!r}")
-        return engine.stream(self, labels, seeds, ids, scales, temperature, top_k, top_p, prefix, previews, profile,
-                             steps=steps, solver=solver)
+        if max_batch is None:
+            max_batch = batching.default_max_batch(tok, ar, guided=scales is not None)
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise UsageError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+        if B <= max_batch:
+            return engine.stream(self, labels, seeds, ids, scales, temperature, top_k, top_p, prefix, previews,
+                                 profile, steps=steps, solver=solver)
+        return self._chunks(max_batch, labels, seeds, ids, scales, temperature, top_k, top_p, prefix, previews,
+                            profile, steps, solver)
+
+    @torch.no_grad()
+    def _chunks(self, max_batch, labels, seeds, ids, scales, temperature, top_k, top_p, prefix, previews, profile,
+                steps, solver) -> Iterator[StreamStep]:
+        for a, b in batching.chunks(labels.numel(), max_batch):
+            for st in engine.stream(self, labels[a:b], seeds[a:b], ids[a:b], scales, temperature, top_k, top_p,
+                                    None if prefix is None else prefix[a:b], previews, profile, steps=steps,
+                                    solver=solver):
+                st.rows = (a, b)
+                yield st
