@@ -5,7 +5,8 @@ import dataclasses
 
 import torch
 
-from dar_fast.checkpoint import CheckpointMismatch, load_strict, read_checkpoint, save_safetensors
+from dar_fast.checkpoint import (AR_ORDER, TOKENIZER_ORDER, CheckpointMismatch, load_strict, read_checkpoint_set,
+                                 save_safetensors)
 from dar_fast.defaults import model_defaults
 from dar_fast.config import ARConfig, TokenizerConfig, ar_config, tokenizer_config
 from dar_fast.models import ARModel, Tokenizer
@@ -27,13 +28,16 @@ def _released_ar_config(cfg):
     return cfg
 
 
-def load_tokenizer(ckpt, config=None, device="cpu", dtype=torch.float32) -> Tokenizer:
+def load_tokenizer(ckpt, config=None, device="cpu", dtype=torch.float32, weights=None) -> Tokenizer:
     """Tokenizer from a released `.pt`, our `.safetensors`, or a state dict.
 
-    config: None (from the checkpoint), a preset name, a released-format dict, or a JSON/YAML path.
+    config: None (from the checkpoint), a preset name, a released-format dict, or a JSON/YAML path
+    (a given config wins over the checkpoint's).
+    weights: "ema" or "model" picks that set of a released file; None follows the released loader
+    (`ema` when present, else `model`). `model.loaded_weights` says which set was loaded.
     A checkpoint without the training-only REPA head loads for inference (the head is dropped).
     """
-    sd, ck_cfg, kind = read_checkpoint(ckpt)
+    sd, ck_cfg, kind, which = read_checkpoint_set(ckpt, weights, TOKENIZER_ORDER)
     if kind not in (None, "tokenizer"):
         raise ValueError(f"{ckpt}: this is a {kind} checkpoint, not a tokenizer")
     cfg = config if config is not None else ck_cfg
@@ -45,15 +49,20 @@ def load_tokenizer(ckpt, config=None, device="cpu", dtype=torch.float32) -> Toke
     with torch.device("meta"):
         model = Tokenizer(cfg)
     model = model.to_empty(device="cpu")
-    model.quantize.codebook_used.zero_()
+    if cfg.vq_enable:
+        model.quantize.codebook_used.zero_()
     load_strict(model, sd, what="tokenizer")
+    model.loaded_weights = which
     model.sampling = model_defaults(ckpt, config, ck_cfg)     # recommended sampling settings it carries (if any)
     return model.to(device=device, dtype=dtype).eval()
 
 
-def load_ar(ckpt, config=None, device="cpu", dtype=torch.float32) -> ARModel:
-    """AR model from a released `.pt`, our `.safetensors`, or a state dict; config: preset name or released-key dict."""
-    sd, ck_cfg, kind = read_checkpoint(ckpt)
+def load_ar(ckpt, config=None, device="cpu", dtype=torch.float32, weights=None) -> ARModel:
+    """AR model from a released `.pt`, our `.safetensors`, or a state dict; config: preset name or released-key dict.
+
+    weights: "ema" or "model"; None follows the released sample scripts (`model`, else `module`, else
+    `state_dict`, else an `ema`-only file's `ema`). `model.loaded_weights` says which set was loaded."""
+    sd, ck_cfg, kind, which = read_checkpoint_set(ckpt, weights, AR_ORDER)
     if kind not in (None, "ar"):
         raise ValueError(f"{ckpt}: this is a {kind} checkpoint, not an AR model")
     cfg = config if config is not None else _released_ar_config(ck_cfg)
@@ -65,16 +74,19 @@ def load_ar(ckpt, config=None, device="cpu", dtype=torch.float32) -> ARModel:
         model = ARModel(cfg)
     model = model.to_empty(device="cpu")
     load_strict(model, sd, optional_prefixes=(), what="AR")
+    model.loaded_weights = which
     model.sampling = model_defaults(ckpt, config, ck_cfg)     # e.g. the paper's cfg schedule of a D-AR preset
     return model.to(device=device, dtype=dtype).eval()
 
 
 def save_tokenizer(tok: Tokenizer, path: str):
-    save_safetensors(tok, path, tok.cfg.to_dict(), "tokenizer", sampling=getattr(tok, "sampling", None))
+    save_safetensors(tok, path, tok.cfg.to_dict(), "tokenizer", sampling=getattr(tok, "sampling", None),
+                     weights=getattr(tok, "loaded_weights", None))
 
 
 def save_ar(ar: ARModel, path: str):
-    save_safetensors(ar, path, ar.cfg.to_dict(), "ar", sampling=getattr(ar, "sampling", None))
+    save_safetensors(ar, path, ar.cfg.to_dict(), "ar", sampling=getattr(ar, "sampling", None),
+                     weights=getattr(ar, "loaded_weights", None))
 
 
 __all__ = ["load_tokenizer", "load_ar", "save_tokenizer", "save_ar", "CheckpointMismatch",

@@ -3,8 +3,20 @@
 Released files: the tokenizer file may hold `config` plus `ema` and/or `model`;
 AR files hold `model`, `module` or `state_dict` (often beside an argparse
 `args` Namespace), or are a bare state dict; keys may carry `_orig_mod.`
-(torch.compile) or `module.` (DDP) prefixes. `torch.load(weights_only=True)`
-refuses the Namespace since torch 2.6; we allow exactly that one class.
+(torch.compile) or `module.` (DDP) prefixes. A `.pt` written by the released
+tokenizer trainer holds {"model", "ema", "optimizer", "discriminator",
+"optimizer_disc", "steps", "args": argparse.Namespace, "config":
+config_util.Config}. We read every `.pt` with torch's restricted (weights_only)
+unpickler, which builds tensors and containers only; on top of that we allow
+exactly two classes: argparse.Namespace (a plain attribute bag) and
+config_util.Config, mapped to `ReleasedConfig`, an inert mapping over the
+pickled `_data` (config_util need not be importable, and none of its code
+runs). Any other global in the file is refused before anything is built, so a
+pickle that would run code never runs it.
+
+Which weights: `weights="ema"|"model"` picks the set; the default follows the
+released loaders: tokenizer `ema` when present (dar_tool.load_visual_tokenizer),
+AR `model`, then `module`, then `state_dict` (the released sample scripts).
 """
 from __future__ import annotations
 
@@ -12,6 +24,7 @@ import argparse
 import json
 import os
 import re
+from collections.abc import Mapping
 from typing import Optional, Tuple
 
 import torch
@@ -22,6 +35,7 @@ from dar_fast.io import atomic_write
 
 CONFIG_KEY = "dar_fast_config"   # safetensors metadata entry holding the JSON config
 KIND_KEY = "dar_fast_kind"       # "tokenizer" or "ar"
+WEIGHTS_KEY = "dar_fast_weights"  # which set of a released file the weights are ("ema" / "model")
 
 # state-dict entries that are runtime buffers of the released code, never weights
 _AR_DROP = ("kv_cache.k_cache", "kv_cache.v_cache", "freqs_cis", "causal_mask")
@@ -33,19 +47,63 @@ class CheckpointMismatch(UsageError):
     """The state dict does not fit the model config; the message lists every offending key."""
 
 
+class ReleasedConfig(Mapping):
+    """Inert stand-in for the released `config_util.Config`: a read-only mapping over its `_data`.
+
+    The restricted unpickler creates it with `__new__` and hands it the pickled state; nothing else
+    of the released class (YAML reading, merging) exists here."""
+
+    def __init__(self, *args, **kwargs):   # never reads a file, whatever a pickle passes
+        self._data = {}
+
+    def __setstate__(self, state):
+        data = state.get("_data", {}) if isinstance(state, dict) else {}
+        self._data = dict(data) if isinstance(data, dict) else {}
+
+    def __getitem__(self, key):
+        return self._data[key]
+
+    def __iter__(self):
+        return iter(self._data)
+
+    def __len__(self):
+        return len(self._data)
+
+
+# the only classes a .pt may hold besides tensors and containers: global name -> what is built instead
+RELEASED_CLASSES = {"argparse.Namespace": argparse.Namespace, "config_util.Config": ReleasedConfig}
+WEIGHT_SETS = ("ema", "model")
+# default search order of the wrapper keys (released loaders)
+TOKENIZER_ORDER = ("ema", "model", "module", "state_dict")
+AR_ORDER = ("model", "module", "state_dict", "ema")
+
+
+def _plain(obj):
+    """ReleasedConfig objects (at any depth of dicts/lists) -> plain dicts."""
+    if isinstance(obj, ReleasedConfig):
+        return {k: _plain(v) for k, v in obj._data.items()}
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()} if any(isinstance(v, (ReleasedConfig, dict, list))
+                                                             for v in obj.values()) else obj
+    if isinstance(obj, list):
+        return [_plain(v) for v in obj]
+    return obj
+
+
 def _torch_load(path: str):
     try:
         if hasattr(torch.serialization, "safe_globals"):
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                return torch.load(path, map_location="cpu", weights_only=True)
+            allowed = [argparse.Namespace, (ReleasedConfig, "config_util.Config")]
+            with torch.serialization.safe_globals(allowed):
+                return _plain(torch.load(path, map_location="cpu", weights_only=True))
         torch.serialization.add_safe_globals([argparse.Namespace])   # torch 2.4
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
         if found:
             # torch's own message advises weights_only=False, i.e. running the file's code: never pass that on
-            raise UsageError(f"{path}: refusing to unpickle it: it holds objects other than tensors, containers "
-                             f"and argparse.Namespace (a {found.group(1)}). dar-fast does not execute pickled "
+            raise UsageError(f"{path}: refusing to unpickle it: it holds objects other than tensors, containers, "
+                             f"argparse.Namespace and config_util.Config (a {found.group(1)}). dar-fast does not execute pickled "
                              "code; convert the weights to a plain state dict where the file was made") from None
         raise _unreadable(path, "PyTorch", e) from None
 
@@ -109,23 +167,40 @@ def _is_state_dict(d) -> bool:
         any(torch.is_tensor(v) for v in d.values())
 
 
-def unwrap(obj) -> Tuple[dict, Optional[object]]:
-    """A loaded checkpoint object -> (state_dict, config-like or None)."""
+def unwrap(obj, weights: Optional[str] = None, order=TOKENIZER_ORDER) -> Tuple[dict, Optional[object]]:
+    """A loaded checkpoint object -> (state_dict, config-like or None); see `unwrap_set`."""
+    sd, config, _ = unwrap_set(obj, weights, order)
+    return sd, config
+
+
+def unwrap_set(obj, weights: Optional[str] = None, order=TOKENIZER_ORDER):
+    """A loaded checkpoint object -> (state_dict, config-like or None, which set: "ema"/"model"/...).
+
+    weights: None (the first wrapper key of `order` present), "ema" or "model" (that set, or an
+    error listing what the file holds). A bare state dict is the "model" set."""
+    if weights is not None and weights not in WEIGHT_SETS:
+        raise UsageError(f"weights must be one of {list(WEIGHT_SETS)} (or None for the released default), got {weights!r}")
     if not isinstance(obj, dict):
         raise UsageError(f"checkpoint is a {type(obj).__name__}, expected a dict / state dict")
     config = obj.get("config", None)
     if config is None and "args" in obj:
         config = obj["args"]
-    for key in ("ema", "model", "module", "state_dict"):
-        if key in obj and isinstance(obj[key], dict):
-            inner = obj[key]
-            # nested wrappers ({"model": {"module": sd}})
-            if not _is_state_dict(inner):
-                sd, cfg2 = unwrap(inner)
-                return sd, config if config is not None else cfg2
-            return inner, config
+    held = [k for k in order if k in obj and isinstance(obj[k], dict)]
+    if weights is not None and held:
+        if weights not in held:
+            raise UsageError(f"the checkpoint has no {weights!r} weights; it holds {held}")
+        held = [weights]
+    for key in held:
+        inner = obj[key]
+        # nested wrappers ({"model": {"module": sd}})
+        if not _is_state_dict(inner):
+            sd, cfg2, _ = unwrap_set(inner, None, order)
+            return sd, config if config is not None else cfg2, key
+        return inner, config, key
     if _is_state_dict(obj):
-        return {k: v for k, v in obj.items() if torch.is_tensor(v)}, config
+        if weights not in (None, "model"):
+            raise UsageError(f"the checkpoint is a bare state dict (one weight set, the model); it has no {weights!r} weights")
+        return {k: v for k, v in obj.items() if torch.is_tensor(v)}, config, "model"
     raise UsageError(f"no state dict found in checkpoint (top-level keys: {sorted(obj)[:12]})")
 
 
@@ -141,12 +216,19 @@ def clean_keys(sd: dict) -> dict:
     return out
 
 
-def read_checkpoint(ckpt) -> Tuple[dict, Optional[object], Optional[str]]:
+def read_checkpoint(ckpt, weights: Optional[str] = None, order=TOKENIZER_ORDER) -> Tuple[dict, Optional[object], Optional[str]]:
     """Path (.pt/.pth/.bin/.safetensors) or state dict -> (clean state dict, config or None, kind or None)."""
+    sd, config, kind, _ = read_checkpoint_set(ckpt, weights, order)
+    return sd, config, kind
+
+
+def read_checkpoint_set(ckpt, weights: Optional[str] = None, order=TOKENIZER_ORDER):
+    """As `read_checkpoint`, plus which weight set was read ("ema" / "model" / ...; a safetensors file
+    records it in its metadata, else it is "model")."""
     kind = None
     if isinstance(ckpt, dict):
-        sd, config = unwrap(ckpt)
-        return clean_keys(sd), config, None
+        sd, config, which = unwrap_set(_plain(ckpt), weights, order)
+        return clean_keys(sd), config, None, which
     path = os.fspath(ckpt)
     _check_file(path)
     config = None
@@ -159,6 +241,9 @@ def read_checkpoint(ckpt) -> Tuple[dict, Optional[object], Optional[str]]:
             except json.JSONDecodeError as e:
                 raise UsageError(f"{path}: the config in its metadata is not JSON ({e.msg})") from None
         kind = meta.get(KIND_KEY)
+        which = meta.get(WEIGHTS_KEY, "model")
+        if weights is not None and weights != which:
+            raise UsageError(f"{path} holds one weight set ({which!r}); it has no {weights!r} weights")
         if config is None:
             for side in (os.path.splitext(path)[0] + ".json", os.path.join(os.path.dirname(path), "config.json")):
                 if os.path.exists(side):
@@ -166,13 +251,16 @@ def read_checkpoint(ckpt) -> Tuple[dict, Optional[object], Optional[str]]:
                     config = _read_config_file(side)      # a malformed file is named with its line
                     break
     elif fmt in ("zip", "pickle"):
-        sd, config = unwrap(_torch_load(path))
+        try:
+            sd, config, which = unwrap_set(_torch_load(path), weights, order)
+        except UsageError as e:
+            raise UsageError(f"{path}: {e}") from None
     else:
         with open(path, "rb") as f:
             head = f.read(8)
         raise UsageError(f"not a checkpoint: {path} is neither a PyTorch file (zip archive or pickle) nor "
                          f"safetensors (it starts with bytes {head.hex()})")
-    return clean_keys(sd), config, kind
+    return clean_keys(sd), config, kind, which
 
 
 def load_strict(model: nn.Module, sd: dict, optional_prefixes=OPTIONAL_PREFIXES, what: str = "model"):
@@ -214,13 +302,16 @@ def check_weights(sd: dict, own: dict, what: str = "model") -> None:
                                  + (" ..." if len(bad) > 8 else "") + "; the file is corrupt or the training diverged")
 
 
-def save_safetensors(model: nn.Module, path: str, config: dict, kind: str, sampling: Optional[dict] = None):
+def save_safetensors(model: nn.Module, path: str, config: dict, kind: str, sampling: Optional[dict] = None,
+                     weights: Optional[str] = None):
     """Weights + JSON config (and the recommended sampling settings, if any) in the metadata, written atomically."""
     from safetensors.torch import save
 
     from dar_fast.defaults import SAMPLING_KEY
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if not k.endswith(_AR_DROP)}
     meta = {CONFIG_KEY: json.dumps(config), KIND_KEY: kind}
+    if weights:
+        meta[WEIGHTS_KEY] = weights
     if sampling:
         meta[SAMPLING_KEY] = json.dumps(sampling)
     data = save(sd, metadata=meta)

@@ -117,3 +117,147 @@ def test_convert_cli(tmp_path):
     # bad output name: error, nothing written
     assert main(["convert", str(tmp_path / "ar.pt"), str(tmp_path / "x.bin"), "--kind", "ar", "--config", str(cfgp)]) == 2
     assert not (tmp_path / "x.bin").exists()
+
+
+# ---------------------------------------------------------------------------- released trainer files, weight sets
+
+_CONFIG_UTIL = '''
+from collections.abc import MutableMapping
+class Config(MutableMapping):
+    """Like the released config_util.Config; reading a YAML path would create MARKER (a side effect)."""
+    def __init__(self, yaml_file=None, **kwargs):
+        self._data = {}
+        if yaml_file:
+            open(yaml_file + ".read", "w").close()
+        self._data.update(kwargs)
+    def __getitem__(self, k): return self._data[k]
+    def __setitem__(self, k, v): self._data[k] = v
+    def __delitem__(self, k): del self._data[k]
+    def __iter__(self): return iter(self._data)
+    def __len__(self): return len(self._data)
+'''
+
+
+def _released_tokenizer_pt(tmp_path, tok, raw):
+    """A .pt as the released trainer writes it, with config_util.Config from a temporary module that is
+    gone (file deleted, not importable) by the time it is loaded."""
+    import importlib
+    import sys
+    mod_dir = tmp_path / "released_src"
+    mod_dir.mkdir()
+    (mod_dir / "config_util.py").write_text(_CONFIG_UTIL)
+    sys.path.insert(0, str(mod_dir))
+    try:
+        config_util = importlib.import_module("config_util")
+        cfg = config_util.Config(model=tok.cfg.to_dict(), train={"lr": 1e-4})
+        sd = {"_orig_mod." + k: v for k, v in tok.state_dict().items()}
+        obj = {"model": {k: v for k, v in raw.state_dict().items()}, "ema": sd,
+               "optimizer": {"state": {0: {"step": torch.tensor(3.0)}}, "param_groups": [{"lr": 1e-4, "params": [0]}]},
+               "discriminator": {"w": torch.zeros(2)}, "optimizer_disc": {"state": {}, "param_groups": []},
+               "steps": 1234, "args": argparse.Namespace(lr=1e-4, ema=True), "config": cfg}
+        path = tmp_path / "0001234.pt"
+        torch.save(obj, path)
+    finally:
+        sys.path.remove(str(mod_dir))
+        sys.modules.pop("config_util", None)
+        (mod_dir / "config_util.py").unlink()
+    with pytest.raises(ImportError):
+        importlib.import_module("config_util")
+    return path
+
+
+def test_released_trainer_tokenizer_pt_with_config_object(tmp_path):
+    tok, raw = tiny_tokenizer(seed=1), tiny_tokenizer(seed=2)
+    path = _released_tokenizer_pt(tmp_path, tok, raw)
+    loaded = dar_fast.load_tokenizer(str(path))
+    assert loaded.loaded_weights == "ema" and _same(loaded, tok)         # released default: ema when present
+    as_model = dar_fast.load_tokenizer(str(path), weights="model")
+    assert as_model.loaded_weights == "model" and _same(as_model, raw)
+    assert loaded.cfg == tok.cfg                                          # the config came from the Config object
+    # convert keeps working on it and records the set
+    from dar_fast.cli import main
+    out = tmp_path / "tok.safetensors"
+    assert main(["convert", str(path), str(out), "--kind", "tokenizer"]) == 0
+    back = dar_fast.load_tokenizer(str(out))
+    assert _same(back, tok) and back.loaded_weights == "ema"
+    with pytest.raises(ValueError, match="holds one weight set"):
+        dar_fast.load_tokenizer(str(out), weights="model")
+
+
+def test_weights_choice_for_ar(tmp_path):
+    ar_model, ar_ema = tiny_ar(seed=1), tiny_ar(seed=2)
+    path = tmp_path / "ar.pt"
+    torch.save({"model": ar_model.state_dict(), "ema": ar_ema.state_dict(), "steps": 5,
+                "args": argparse.Namespace(gpt_model="GPT-B")}, path)
+    cfg = ar_model.cfg.to_dict()
+    d = dar_fast.load_ar(str(path), config=cfg)
+    assert d.loaded_weights == "model" and _same(d, ar_model)           # released sample scripts load "model"
+    e = dar_fast.load_ar(str(path), config=cfg, weights="ema")
+    assert e.loaded_weights == "ema" and _same(e, ar_ema)
+    only_model = tmp_path / "ar_model.pt"
+    torch.save({"model": ar_model.state_dict()}, only_model)
+    with pytest.raises(ValueError, match=r"no 'ema' weights; it holds \['model'\]"):
+        dar_fast.load_ar(str(only_model), config=cfg, weights="ema")
+    with pytest.raises(ValueError, match="weights must be one of"):
+        dar_fast.load_ar(str(path), config=cfg, weights="best")
+    # a tokenizer file with only "model" loads it by default
+    tok = tiny_tokenizer()
+    torch.save({"model": tok.state_dict(), "config": {"model": tok.cfg.to_dict()}}, tmp_path / "t.pt")
+    assert dar_fast.load_tokenizer(str(tmp_path / "t.pt")).loaded_weights == "model"
+
+
+class _Payload:
+    """Unpickling this would create a file (the stand-in for any code a hostile pickle runs)."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_hostile_pickle_refused_and_payload_never_runs(tmp_path, legacy):
+    target = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    obj = {"model": tiny_ar().state_dict(), "config": {"model": {}}, "x": _Payload(str(target))}
+    torch.save(obj, path, _use_new_zipfile_serialization=not legacy)
+    assert not target.exists()
+    with pytest.raises(ValueError, match="refusing to unpickle"):
+        dar_fast.load_ar(str(path), config=tiny_ar().cfg.to_dict())
+    assert not target.exists()
+    # and the same through the released-config route: a Config whose construction would touch a file
+    import pickle
+    assert pickle.loads(pickle.dumps(_Payload(str(target)))) and target.exists()   # the payload is real
+    target.unlink()
+
+
+def test_released_config_name_runs_no_code(tmp_path):
+    """A pickle that calls config_util.Config(path) (what the real class does with a YAML path: read a file)
+    gets the inert stand-in, whose constructor ignores its arguments."""
+    import importlib
+    import sys
+    mod_dir = tmp_path / "src"
+    mod_dir.mkdir()
+    (mod_dir / "config_util.py").write_text(_CONFIG_UTIL)
+    marker = tmp_path / "cfg.yaml"
+    sys.path.insert(0, str(mod_dir))
+    try:
+        config_util = importlib.import_module("config_util")
+
+        class Calls(config_util.Config):
+            def __reduce__(self):
+                return (config_util.Config, (str(marker),))
+        Calls.__module__, Calls.__qualname__ = "config_util", "Config"
+        tok = tiny_tokenizer()
+        path = tmp_path / "t.pt"
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(config_util, "Config", Calls, raising=True)
+            torch.save({"model": tok.state_dict(), "config": Calls()}, path)
+    finally:
+        sys.path.remove(str(mod_dir))
+        sys.modules.pop("config_util", None)
+    from dar_fast.checkpoint import ReleasedConfig, _torch_load
+    obj = _torch_load(str(path))
+    assert not (tmp_path / "cfg.yaml.read").exists()
+    assert obj["config"] == {} and not isinstance(obj["config"], ReleasedConfig)   # inert, then a plain dict

@@ -15,6 +15,8 @@ def register(sub):
     p.add_argument("out", help="output .safetensors path (a .json config is written beside it)")
     p.add_argument("--kind", choices=["tokenizer", "ar"], required=True, help="which model the checkpoint holds")
     p.add_argument("--config", default=None, help="preset name or JSON/YAML config when the checkpoint has none")
+    p.add_argument("--weights", choices=["ema", "model"], default=None,
+                   help="which weight set of a released file (default as released: tokenizer ema when present, AR model)")
     p.add_argument("--keep-repa", action="store_true", help="keep the training-only REPA head (tokenizer)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                    help="storage dtype of the weights (loading casts to the dtype asked for)")
@@ -35,7 +37,8 @@ def run(args) -> int:
         raise UsageError(f"output {args.out} exists; pass --overwrite to replace it")
     load = load_tokenizer if args.kind == "tokenizer" else load_ar
     try:
-        model = load(args.checkpoint, config=args.config, dtype=getattr(torch, args.dtype))
+        model = load(args.checkpoint, config=args.config, dtype=getattr(torch, args.dtype),
+                     weights=getattr(args, "weights", None))
     except ValueError as e:         # the checkpoint or config does not fit: the user's file, not a bug
         msg = str(e)
         raise UsageError(msg if args.checkpoint in msg else f"{args.checkpoint}: {msg}") from e
@@ -52,5 +55,5 @@ def run(args) -> int:
         side_cfg["sampling"] = model.sampling
     write_json_atomic(side, side_cfg)
     n = sum(p.numel() for p in model.parameters())
-    print(f"wrote {args.out} ({n:,} parameters) and {side}")
+    print(f"wrote {args.out} ({n:,} parameters, {getattr(model, 'loaded_weights', 'model')} weights) and {side}")
     return 0
