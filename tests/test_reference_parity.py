@@ -80,3 +80,77 @@ def test_ar_kv_cache_matches_released(ar_io):
         for j in range(tokens.shape[1] - 1):
             out.append(ar.decode_one(tokens[:, j], j + 1))
     assert rel_err(torch.stack(out, 1), io["kv_logits"]) < TOL
+
+
+# ---------------------------------------------------------------------------- decode configurations, more AR options
+# decode_public1: K=4 groups of 3, encoder patch 8, 2/4/8/12 steps with both solvers, a clip_steps preview, a larger
+# decode (40x56), a non-square 32x48 image; decode_public2: K=8, output_resolution 12, 8/16 steps, a 3-of-4 preview.
+
+def _decode_case(reference_dir, name):
+    spec = json.load(open(reference_dir / f"{name}.json"))
+    tok = dar_fast.load_tokenizer(str(reference_dir / f"{name}.weights.safetensors"), config=spec["model"])
+    return tok, spec, load_file(reference_dir / f"{name}.io.safetensors")
+
+
+@pytest.mark.parametrize("name", ["decode_public1", "decode_public2"])
+def test_decode_public_encodes_exactly(reference_dir, name):
+    tok, spec, io = _decode_case(reference_dir, name)
+    for e in spec["encode"]:
+        assert torch.equal(tok.encode(io[e["images"]]), io[e["codes"]]), e
+
+
+@pytest.mark.parametrize("name", ["decode_public1", "decode_public2"])
+def test_decode_public_calls(reference_dir, name):
+    tok, spec, io = _decode_case(reference_dir, name)
+    errs = {}
+    for c in spec["calls"]:
+        S = c["steps"]
+        # the group each step reads, as the reference derived it
+        assert tok.schedule(S)[1][:c["clip_steps"] or S] == c["groups_per_step"], c
+        out = tok.decode(io[c["codes"]], noise=io[c["noise"]], steps=S, solver=c["solver"], clip_steps=c["clip_steps"])
+        want = io[c["out"]]
+        assert out.shape == want.shape, c
+        errs[c["out"]] = rel_err(out, want)
+        assert errs[c["out"]] < TOL, (c, errs[c["out"]])
+    print(name, {k: f"{v:.1e}" for k, v in errs.items()})
+
+
+def test_decode_public_default_size_and_groups_alias(reference_dir):
+    tok, spec, io = _decode_case(reference_dir, "decode_public1")
+    noise = io["noise_32x32"]
+    # groups=k is clip_steps=k when S == K
+    assert torch.equal(tok.decode(io["codes"], noise=noise, groups=2), tok.decode(io["codes"], noise=noise, clip_steps=2))
+    # the config's num_denoising_steps is the default
+    assert torch.equal(tok.decode(io["codes"], noise=noise), tok.decode(io["codes"], noise=noise, steps=4))
+
+
+@pytest.fixture(scope="module")
+def ar_public(reference_dir):
+    cfg = json.load(open(reference_dir / "ar_public1.json"))["model"]
+    ar = dar_fast.load_ar(str(reference_dir / "ar_public1.weights.safetensors"), config=cfg)
+    return ar, load_file(reference_dir / "ar_public1.io.safetensors")
+
+
+def test_ar_public_rope_base_and_gqa(ar_public):
+    """rope_base 1000 and one KV head for two query heads: teacher forcing, the null class, and the KV cache."""
+    ar, io = ar_public
+    assert ar.cfg.rope_base == 1000.0 and ar.cfg.kv_heads == 1
+    tokens, labels = io["tokens"], io["class_labels"]
+    with torch.no_grad():
+        assert rel_err(ar(tokens[:, :-1], labels), io["teacher_logits"]) < TOL
+        null = torch.full_like(labels, ar.null_class)
+        assert rel_err(ar(tokens[:, :-1], null), io["null_teacher_logits"]) < TOL
+        ar.setup_cache(labels.shape[0])
+        out = [ar.prefill(labels)]
+        for j in range(tokens.shape[1] - 1):
+            out.append(ar.decode_one(tokens[:, j], j + 1))
+    assert rel_err(torch.stack(out, 1), io["teacher_logits"]) < TOL
+
+
+def test_ar_rope_base_matters(reference_dir, ar_public):
+    """The same weights with the default base 10000 are far off: rope_base is used, not dropped."""
+    ar, io = ar_public
+    cfg = dict(json.load(open(reference_dir / "ar_public1.json"))["model"], rope_base=10000.0)
+    wrong = dar_fast.load_ar(str(reference_dir / "ar_public1.weights.safetensors"), config=cfg)
+    with torch.no_grad():
+        assert rel_err(wrong(io["tokens"][:, :-1], io["class_labels"]), io["teacher_logits"]) > 1e-2
