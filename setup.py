@@ -15,7 +15,7 @@ import os
 import re
 import warnings
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -62,39 +62,27 @@ def extensions():
     return [ext], {"build_ext": WarnOnFailure.with_options(use_ninja=True)}
 
 
+def packages():
+    """Every package, found (no hand-kept list): dar_fast/**, and kernels/** and training/** installed as
+    dar_fast.kernels / dar_fast.training (they live at the top of the repository for the benchmarks and tests)."""
+    pkgs = ["dar_fast"] + ["dar_fast." + p for p in find_packages("dar_fast")]
+    for sub in ("kernels", "training"):
+        pkgs += [f"dar_fast.{sub}"] + [f"dar_fast.{sub}.{p}" for p in find_packages(sub)]
+    return pkgs
+
+
 ext_modules, cmdclass = extensions()
 
+# Metadata, dependencies and extras are in pyproject.toml; this file adds what needs code: the package
+# mapping and the optional C++/CUDA extension.
 setup(
-    name="dar-fast",
     version=version(),
-    description="Fast, exact sampling, evaluation and training of D-AR (Diffusion via Autoregressive models)",
-    long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists(os.path.join(HERE, "README.md")) else "",
-    long_description_content_type="text/markdown",
-    python_requires=">=3.9",
-    packages=["dar_fast", "dar_fast.models", "dar_fast.eval", "dar_fast.kernels", "dar_fast.training", "dar_fast.assets",
-              "dar_fast.serve"],
+    packages=packages(),
     package_dir={"dar_fast": "dar_fast", "dar_fast.kernels": "kernels", "dar_fast.training": "training"},
-    package_data={"dar_fast.assets": ["*.safetensors", "*.json", "*.png"], "dar_fast.serve": ["*.html"]},
-    install_requires=[
-        "torch>=2.4",
-        "numpy",
-        "safetensors",
-        "pyyaml",
-        "tqdm",
-        "pillow",
-        "triton>=3.0; platform_system=='Linux'",
-    ],
-    extras_require={
-        "test": ["pytest", "scipy", "scikit-learn", "pybind11", "ninja"],
-        "dali": ["nvidia-dali-cuda130"],
-        "dali-cuda12": ["nvidia-dali-cuda120"],
-        "train": ["scipy", "scikit-learn", "ninja"],
-        "lpips": ["lpips"],
-        "attn": ["flash-attn", "xformers"],
-        "eval": ["scipy"],
-        "serve": ["fastapi", "uvicorn"],
-    },
-    entry_points={"console_scripts": ["dar-fast=dar_fast.cli:main"]},
+    # the embedded model, its picture, and the web page of `dar-fast serve` (any static file of any package)
+    package_data={"": ["*.safetensors", "*.json", "*.png", "*.html", "*.js", "*.css", "*.svg", "*.ico",
+                       "static/*", "static/**/*"]},
+    include_package_data=False,
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

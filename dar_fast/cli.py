@@ -84,7 +84,10 @@ def main(argv=None) -> int:
     name = "dar-fast"
     try:
         parser = build_parser()
-        args = parser.parse_args(argv)
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as e:         # --help, --version, or a bad option value (one line, code 2)
+            return e.code if isinstance(e.code, int) else 2
         debug = debug or args.debug_all or getattr(args, "debug", False)
         if not getattr(args, "func", None):
             parser.print_help()

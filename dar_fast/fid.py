@@ -32,26 +32,35 @@ from dar_fast.shards import ShardedOutput, manifest_path
 
 def register(sub):
     p = sub.add_parser("fid", help="generate FID-50K samples (sharded, resumable) into an ADM-style .npz")
+    from dar_fast.commands import common
     p.add_argument("--tokenizer", default=None, help="tokenizer checkpoint (default: the embedded digits model)")
-    p.add_argument("--ar", default=None)
-    p.add_argument("--tokenizer-config", default=None)
-    p.add_argument("--ar-config", default=None)
-    p.add_argument("--num-samples", type=int, default=50000)
-    p.add_argument("--batch-size", type=int, default=64, help="per-process batch (also the shard size)")
-    p.add_argument("--cfg", default="1.1,10", help="scale, or start,end linear schedule (paper: L 1.1,8; XL 1.1,10)")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ar", default=None, help="AR checkpoint (give both or neither)")
+    p.add_argument("--tokenizer-config", default=None, help="tokenizer preset or JSON/YAML config, if the "
+                   "checkpoint has none")
+    p.add_argument("--ar-config", default=None, help="AR preset (e.g. D-AR-XL) or JSON/YAML config, if the "
+                   "checkpoint has none")
+    p.add_argument("--num-samples", type=common.positive_int, default=50000, help="images (default 50000)")
+    p.add_argument("--batch-size", type=common.positive_int, default=64,
+                   help="per-process batch (also the shard size; default 64)")
+    p.add_argument("--cfg", default=None, help="scale, or start,end linear schedule (default: the model's "
+                   "recommended, e.g. the paper's 1.1,8 for D-AR-L and 1.1,10 for D-AR-XL; else 4.0)")
+    p.add_argument("--temperature", type=common.temperature, default=None, help="default: the model's, else 1.0")
+    p.add_argument("--top-k", type=common.nonneg_int, default=None, help="default: the model's, else 0 (off)")
+    p.add_argument("--top-p", type=common.top_p, default=None, help="default: the model's, else 1.0 (off)")
+    p.add_argument("--seed", type=common.seed, default=0, help="sample i uses key (seed, i) (default 0)")
     p.add_argument("--random-classes", action="store_true",
                    help="uniformly random classes from each sample's key (the released script's choice) instead of i mod C")
     p.add_argument("--out", required=True, help="output .npz")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    p.add_argument("--device", type=common.device, default=None, help="default: this rank's GPU, else cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="weights' dtype (default: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--threads", type=common.positive_int, default=None,
+                   help="CPU threads for torch (default: 1 for small models such as digits, else torch's default)")
+    p.add_argument("-v", "--verbose", action="store_true", help="print the thread count")
     p.add_argument("--keep-shards", action="store_true", help="keep <out>.shards/ after assembling")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a finished --out (or discard unfinished shards) made with other settings")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, threads_handled=True)
 
 
 def _parse_cfg(s):
@@ -119,8 +128,9 @@ def _check_args(args):
         raise UsageError("--num-samples and --batch-size must be >= 1")
     if (args.tokenizer is None) != (args.ar is None):
         raise UsageError("give both --tokenizer and --ar, or neither for the embedded digits model")
-    cfg = _parse_cfg(args.cfg)
-    check_sampling_args(cfg=cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    cfg = None if args.cfg is None else _parse_cfg(args.cfg)       # None: the model's recommended setting
+    check_sampling_args(cfg=1.0 if cfg is None else cfg, temperature=1.0 if args.temperature is None else
+                        args.temperature, top_k=args.top_k or 0, top_p=1.0 if args.top_p is None else args.top_p)
     check_seed(args.seed, "--seed")
     parent = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(parent):
@@ -132,18 +142,22 @@ def _check_args(args):
 
 def run(args) -> int:
     from tqdm import tqdm
-
-    from dar_fast.pipeline import Pipeline
-
     cfg = _check_args(args)
     rank, world, barrier, shutdown, broadcast = _dist()
-    dtype = getattr(torch, args.dtype) if args.dtype else None
     device = args.device or (f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
-    if args.tokenizer is None:
-        pipe = Pipeline.from_pretrained("digits", device=device, dtype=dtype)
-    else:
-        pipe = Pipeline.from_pretrained(args.tokenizer, args.ar, device=device, dtype=dtype,
-                                        tokenizer_config=args.tokenizer_config, ar_config=args.ar_config)
+    args.device = device
+    from dar_fast import defaults
+    from dar_fast.commands.common import apply_threads
+    from dar_fast.commands.sample import load_pipeline
+    pipe = load_pipeline(args)              # a checkpoint or config that does not load: one line naming the option
+    apply_threads(args.threads, sum(p.numel() for m in (pipe.tok, pipe.ar) for p in m.parameters()),
+                  verbose=args.verbose and rank == 0)
+    # settings not given: the model's recommended ones (e.g. the paper's schedule of a D-AR preset)
+    values, sources = defaults.resolve(pipe.defaults, cfg=cfg, temperature=args.temperature, top_k=args.top_k,
+                                       top_p=args.top_p)
+    cfg, args.temperature, args.top_k, args.top_p = (values[k] for k in ("cfg", "temperature", "top_k", "top_p"))
+    if rank == 0:
+        print("dar-fast fid: sampling: " + defaults.describe(values, sources), file=sys.stderr)
     C, N, B = pipe.num_classes, args.num_samples, args.batch_size
     H, W = pipe.tok.image_size
     settings = dict(num_samples=N, batch_size=B, cfg=cfg if isinstance(cfg, float) else list(cfg),

@@ -48,6 +48,10 @@ def register(sub):
                    "(default: the model's, else 0)")
     p.add_argument("--top-p", type=common.top_p, default=None, help="nucleus sampling mass in (0, 1] "
                    "(default: the model's, else 1.0)")
+    p.add_argument("--steps", type=common.positive_int, default=None,
+                   help="diffusion steps of the decode (default: the model's, else the tokenizer's own)")
+    p.add_argument("--solver", choices=["adams2", "euler"], default=None,
+                   help="flow solver (default: the model's, else adams2 as released)")
     p.add_argument("--seed", type=common.seed, default=0, help="sample i uses key (seed, i) (default 0)")
     p.add_argument("--batch-size", type=common.positive_int, default=64, help="images per engine call (default 64)")
     p.add_argument("--out", type=common.out_dir, default="samples",
@@ -94,9 +98,15 @@ def load_pipeline(args, default_device="cpu"):
 
 
 def resolve_settings(pipe, args):
+    """(values, sources): each option given, else the model's recommended value, else the default."""
     from dar_fast import defaults
     given = {k: getattr(args, k, None) for k in defaults.KEYS}
-    return defaults.resolve(getattr(pipe, "defaults", None), **given)
+    values, sources = defaults.resolve(pipe.defaults, **given)
+    full = pipe.settings(**given)             # + the tokenizer's own steps and the released solver
+    for k, v in full.items():
+        if k not in values:
+            values[k], sources[k] = v, "default"
+    return values, sources
 
 
 def _plan(args, pipe):
@@ -168,7 +178,7 @@ def run(args) -> int:
     created = common.make_out_dir(out)
     if not resuming:
         write_json_atomic(os.path.join(out, SETTINGS), manifest)
-    K, B, n = pipe.tok.num_groups, args.batch_size, len(all_labels)
+    K, B, n = values["steps"], args.batch_size, len(all_labels)        # K previews: one per diffusion step
     partial = os.path.join(out, PARTIAL)
     final = [os.path.join(out, f) for f in ("grid.png",) + (("previews.png",) if want_previews else ())]
     if resuming and all(os.path.exists(f) for f in final) and \
@@ -198,10 +208,15 @@ def run(args) -> int:
                 continue
             steps = pipe.stream(lab, seed=args.seed, sample_ids=list(range(b0, b0 + len(lab))),
                                 previews=want_previews, **values)
+            got = [[] for _ in range(K)]
             for step in steps:
-                group_previews[step.group][bi] = step.preview
-                tokens_done += len(lab) * pipe.tok.group_size
-                bar.set_postfix(group=f"{step.group + 1}/{K}", tok_s=f"{tokens_done / max(time.time() - t0, 1e-9):.0f}")
+                if step.preview is not None:        # chunks of a batch (Pipeline max_batch) come in order
+                    got[step.step].append(step.preview)
+                bar.set_postfix(step=f"{step.step + 1}/{K}",
+                                tok_s=f"{(tokens_done + len(lab) * step.tokens.shape[1]) / max(time.time() - t0, 1e-9):.0f}")
+            tokens_done += len(lab) * pipe.tok.num_tokens
+            for g in range(K):
+                group_previews[g][bi] = torch.cat(got[g]) if got[g] else None
             final_imgs = group_previews[K - 1][bi]                          # the last preview is the image
             if want_previews:
                 os.makedirs(partial, exist_ok=True)
