@@ -1,156 +1,15 @@
-"""gpu_check sections 1-6 (environment, pytest -m gpu, kernels, engine correctness, attention kernels,
-decode step) and the context every section runs in. Driven by benchmarks/gpu_check.py, one forked process
-per section; `--smoke` gives each its CPU variant at tiny sizes.
-
-Real sizes on a GPU: tokenizer_v1 and D-AR-L with random weights (timing and token agreement do not depend
-on trained values), drawn on the device as tests/helpers.randomize_ draws them on the CPU.
-"""
+"""gpu_check sections 1-4: environment, pytest -m gpu, kernels at real sizes, engine correctness.
+See _gpu_check_ctx.py for the context (Ctx) and the shared models."""
 from __future__ import annotations
 
-import json
 import os
-import re
 import subprocess
 import sys
 import time
-import traceback
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-for _p in (HERE, os.path.join(REPO, "tests")):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
-
-
-class Skip(Exception):
-    """The whole section cannot run here; the message is the reason."""
-
-
-class Ctx:
-    """One section's run: device, sizes, the figures saved so far (rewritten atomically after each put)."""
-
-    def __init__(self, name: str, out: str, smoke: bool, deadline: float):
-        self.name, self.out, self.smoke, self.deadline = name, out, smoke, deadline
-        self.path = os.path.join(out, "sections", f"{name}.json")
-        self.figures: dict = {}
-        self.errors: list = []
-        self.cuda = torch.cuda.is_available() and not smoke
-        self.device = torch.device("cuda" if self.cuda else "cpu")
-        if smoke:
-            torch.set_num_threads(1)     # tiny models: one thread is as fast, and immune to a busy machine
-
-    # ------------------------------------------------------------------ records
-    def time_left(self) -> float:
-        return self.deadline - time.time()
-
-    def save(self, status: str = "running", **extra) -> None:
-        from dar_fast.io import write_json_atomic
-        write_json_atomic(self.path, dict(status=status, figures=self.figures, **extra))
-
-    def put(self, key: str, value) -> None:
-        self.figures[key] = value
-        print(f"[{self.name}] {key}: {json.dumps(value, default=str)[:400]}", flush=True)
-        self.save()
-
-    def check(self, ok: bool, msg: str) -> bool:
-        if not ok:
-            self.errors.append(msg)
-            print(f"[{self.name}] CHECK FAILED: {msg}", flush=True)
-            self.save()
-        return ok
-
-    def attempt(self, key: str, fn, *a, **kw):
-        """Run one part; a failure is recorded under `key` and in the errors, and the section goes on."""
-        try:
-            return fn(*a, **kw)
-        except Exception as e:
-            traceback.print_exc()
-            msg = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
-            self.figures[key] = {"error": msg}
-            self.check(False, f"{key}: {msg}")
-            return None
-
-    def run(self, fn) -> int:
-        self.save()
-        try:
-            fn(self)
-        except Skip as e:
-            self.save("skipped", reason=str(e))
-            return 3
-        except Exception as e:
-            traceback.print_exc()
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            self.errors.append(f"{type(e).__name__}: {first}"[:400])
-        if self.errors:
-            self.save("failed", error="; ".join(self.errors)[:2000])
-            return 1
-        self.save("ok")
-        return 0
-
-    # ------------------------------------------------------------------ shared inputs
-    def need_cuda(self) -> None:
-        if not self.cuda:
-            raise Skip("needs CUDA" + ("" if self.smoke else " (torch sees no GPU; --smoke runs the CPU variant)"))
-
-    def sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-
-    def ceilings(self) -> dict:
-        """Copy GB/s and bf16 TFLOP/s measured by the environment section, else _common's table / copy."""
-        env = {}
-        try:
-            env = json.load(open(os.path.join(self.out, "sections", "environment.json")))["figures"]
-        except Exception:
-            pass
-        from _common import device_info
-        info = dict(device_info(self.device))
-        m = env.get("measured", {})
-        if m.get("copy_gbps"):
-            info["mem_bw_gbs"] = m["copy_gbps"]
-            info["ceiling_source"] = "measured by gpu_check environment"
-        if m.get("matmul_tflops") and self.cuda:
-            info["bf16_tflops"] = m["matmul_tflops"]
-        info.setdefault("bf16_tflops", info.get("bf16_tflops_measured"))
-        return info
-
-
-def randomize(model: torch.nn.Module, scale: float = 0.02, seed: int = 0) -> torch.nn.Module:
-    """tests/helpers.randomize_'s rule (norm weights 1 + 0.1 N(0,1), the rest scale * N(0,1)), drawn on the
-    model's device: a 1.5 GB model would spend seconds in CPU randn and the copy."""
-    with torch.no_grad():
-        for i, (name, p) in enumerate(model.named_parameters()):
-            g = torch.Generator(device=p.device).manual_seed(seed * 100003 + i)
-            r = torch.randn(p.shape, generator=g, device=p.device, dtype=torch.float32)
-            if name.endswith(("norm.weight", "norm1.weight", "norm2.weight")) or "_norm.weight" in name:
-                p.copy_(1 + 0.1 * r)
-            else:
-                p.copy_(scale * r)
-    return model
-
-
-def build_models(ctx: Ctx, dtype, preset: str = "D-AR-L", device=None):
-    """(tokenizer, ar): tokenizer_v1 + `preset` on the GPU; the tests' tiny pair with --smoke."""
-    from dar_fast.config import ar_config, tokenizer_config
-    from dar_fast.models import ARModel, Tokenizer
-    device = device or ctx.device
-    if ctx.smoke:
-        from helpers import tiny_ar, tiny_tokenizer
-        tok = tiny_tokenizer(seed=1)
-        ar = tiny_ar(seed=2, vocab_size=tok.codebook_size, block_size=tok.num_tokens)
-        return tok.to(device, dtype).eval(), ar.to(device, dtype).eval()
-    tcfg = tokenizer_config("tokenizer_v1")
-    tcfg.repa_head = False
-    with torch.device(device):
-        tok = randomize(Tokenizer(tcfg), seed=1)
-        ar = randomize(ARModel(ar_config(preset)), seed=2)
-    return tok.to(dtype).eval(), ar.to(dtype).eval()
-
-
-def _dt(d) -> str:
-    return str(d).replace("torch.", "")
+from _gpu_check_ctx import REPO, Ctx, _dt, build_models, run_sub  # noqa: F401
 
 
 # ============================================================================ 1 environment
@@ -248,8 +107,9 @@ def pytest_gpu(ctx: Ctx):
     else:
         env.update(OMP_NUM_THREADS="1")
     t0 = time.time()
-    r = subprocess.run(cmd, cwd=REPO, env=env, timeout=max(5.0, ctx.time_left() - 5), capture_output=True,
-                       text=True)
+    if os.path.exists(xml):
+        os.remove(xml)
+    r = run_sub(cmd, timeout=ctx.time_left() - 5, cwd=REPO, env=env)
     print(r.stdout[-20000:], r.stderr[-5000:], flush=True)
     root = ET.parse(xml).getroot()
     suites = [root] if root.tag == "testsuite" else list(root)
@@ -402,56 +262,78 @@ def _engine_status(pipe):
 
 
 def engine_correctness(ctx: Ctx):
-    from dar_fast.sampler import reference_sample
+    """Tokens of every engine mode against eager, and eager against the reference sampler. Order: what matters
+    most first (bf16 then float32 eager + captured, the GPU default), compiled last, each part only while the
+    section's cap allows (compiling a mode costs tens of seconds)."""
     dtypes = [torch.bfloat16, torch.float32] if ctx.cuda else [torch.float32]
     cases = {"cfg_constant": dict(cfg=4.0), "cfg_schedule": dict(cfg=(1.1, 8.0)),
              "top_k_top_p": dict(cfg=4.0, top_k=100, top_p=0.9), "prefix": dict(cfg=4.0)}
+    labels = torch.tensor([3, 1, 4, 1])
+    setups = {}
     for dt in dtypes:
         tok, ar = build_models(ctx, dt)
-        labels = torch.tensor([3, 1, 4, 1])
         prefix = torch.randint(0, tok.codebook_size, (4, 32 if ctx.cuda else 4))
         engines = _engines(ctx, tok, ar)
-        eager = engines.pop("eager")
-        res = {} if ctx.cuda else {"captured_and_compiled": "needs CUDA (compiling on a CPU costs tens of seconds)"}
-        for cname, kw in cases.items():
-            if ctx.time_left() < 10:
-                res[cname] = "not run: the section's cap was near"
-                continue
-            pre = prefix if cname == "prefix" else None
-            base = eager.sample(labels, seed=7, prefix_tokens=pre, **kw)
-            ref = reference_sample(tok, ar, labels, seed=7, prefix_tokens=pre, **kw)
-            row = {"eager_vs_reference_tokens_differing": int((base.tokens != ref.tokens).sum())}
-            if dt == torch.float32:
-                ctx.check(row["eager_vs_reference_tokens_differing"] == 0,
-                          f"float32 {cname}: eager engine and reference sampler tokens differ")
-            for ename, pipe in engines.items():
-                got = pipe.sample(labels, seed=7, prefix_tokens=pre, **kw)
-                d = int((got.tokens != base.tokens).sum())
-                row[f"{ename}_vs_eager_tokens_differing"] = d
-                row[f"{ename}_vs_eager_max_pixel_diff"] = int((got.images.int() - base.images.int()).abs().max())
-                ctx.check(d == 0, f"{_dt(dt)} {cname}: {ename} and eager differ in {d} tokens")
-            res[cname] = row
-            ctx.put(_dt(dt), res)
-        if ctx.cuda and ctx.time_left() > 10:    # a batch-size change must re-capture, not replay a stale graph
-            small = torch.tensor([2, 7])
-            e2 = eager.sample(small, seed=9, cfg=4.0)
-            for ename, pipe in engines.items():
-                d = int((pipe.sample(small, seed=9, cfg=4.0).tokens != e2.tokens).sum())
-                res[f"batch_change_4_to_2_{ename}_tokens_differing"] = d
-                ctx.check(d == 0, f"{_dt(dt)}: after a batch-size change {ename} and eager differ in {d} tokens")
-        for ename, pipe in engines.items():     # a mode that fell back to eager would pass vacuously
-            st = _engine_status(pipe)
-            res[f"status_{ename}"] = st
-            if isinstance(st, dict):
-                ctx.check(not st.get("fallbacks"), f"{_dt(dt)} {ename}: fell back: {st.get('fallbacks')}")
-        ctx.put(_dt(dt), res)
-        del tok, ar, engines, eager
+        setups[dt] = (tok, ar, prefix, engines, {})
+        ctx.attempt(f"{_dt(dt)}:eager", _eager_vs_reference, ctx, dt, setups[dt], cases, labels)
         if ctx.cuda:
-            torch.cuda.empty_cache()
-    if ctx.cuda and ctx.time_left() > 5:
-        ctx.attempt("float32_cpu_vs_gpu", _cpu_vs_gpu, ctx)
+            ctx.attempt(f"{_dt(dt)}:captured", _mode_vs_eager, ctx, dt, setups[dt], cases, labels, "captured")
+        else:
+            ctx.put("captured_and_compiled", "needs CUDA (compiling on a CPU costs tens of seconds)")
+    for dt in dtypes:
+        if "compiled" in setups[dt][3]:
+            ctx.attempt(f"{_dt(dt)}:compiled", _mode_vs_eager, ctx, dt, setups[dt], cases, labels, "compiled")
+    for dt in dtypes:                          # a mode that fell back to eager would pass vacuously
+        for ename, pipe in setups[dt][3].items():
+            st = _engine_status(pipe)
+            ctx.put(f"{_dt(dt)}:status_{ename}", st)
+            if isinstance(st, dict) and ename != "eager":
+                ctx.check(not st.get("fallbacks"), f"{_dt(dt)} {ename}: fell back: {st.get('fallbacks')}")
+    setups.clear()
+    if ctx.cuda:
+        torch.cuda.empty_cache()
+        if ctx.time_left() > 5:
+            ctx.attempt("float32_cpu_vs_gpu", _cpu_vs_gpu, ctx)
+        else:
+            ctx.put("float32_cpu_vs_gpu", "not run: the section's cap was near")
     else:
-        ctx.put("float32_cpu_vs_gpu", "needs CUDA" if not ctx.cuda else "not run: the section's cap was near")
+        ctx.put("float32_cpu_vs_gpu", "needs CUDA")
+
+
+def _eager_vs_reference(ctx, dt, setup, cases, labels):
+    from dar_fast.sampler import reference_sample
+    tok, ar, prefix, engines, base = setup
+    res = {}
+    for cname, kw in cases.items():
+        pre = prefix if cname == "prefix" else None
+        base[cname] = engines["eager"].sample(labels, seed=7, prefix_tokens=pre, **kw)
+        ref = reference_sample(tok, ar, labels, seed=7, prefix_tokens=pre, **kw)
+        d = int((base[cname].tokens != ref.tokens).sum())
+        res[cname] = dict(tokens_differing=d, max_pixel_diff=int((base[cname].images.int() - ref.images.int()).abs().max()))
+        if dt == torch.float32:    # bf16 eager and the reference may round differently; recorded, not judged
+            ctx.check(d == 0, f"float32 {cname}: eager engine and reference sampler differ in {d} tokens")
+        ctx.put(f"{_dt(dt)}:eager_vs_reference", res)
+
+
+def _mode_vs_eager(ctx, dt, setup, cases, labels, mode):
+    tok, ar, prefix, engines, base = setup
+    pipe, res = engines[mode], {}
+    for cname, kw in cases.items():
+        if ctx.time_left() < 8 or cname not in base:
+            res[cname] = "not run: the section's cap was near" if cname in base else "no eager baseline"
+            continue
+        pre = prefix if cname == "prefix" else None
+        got = pipe.sample(labels, seed=7, prefix_tokens=pre, **kw)
+        d = int((got.tokens != base[cname].tokens).sum())
+        res[cname] = dict(tokens_differing=d, max_pixel_diff=int((got.images.int() - base[cname].images.int()).abs().max()))
+        ctx.check(d == 0, f"{_dt(dt)} {cname}: {mode} and eager differ in {d} tokens")
+        ctx.put(f"{_dt(dt)}:{mode}_vs_eager", res)
+    if ctx.time_left() > 8:     # a batch-size change must re-capture / re-specialise, not replay a stale graph
+        small = torch.tensor([2, 7])
+        d = int((pipe.sample(small, seed=9, cfg=4.0).tokens != engines["eager"].sample(small, seed=9, cfg=4.0).tokens).sum())
+        res["batch_change_4_to_2"] = dict(tokens_differing=d)
+        ctx.check(d == 0, f"{_dt(dt)}: after a batch-size change {mode} and eager differ in {d} tokens")
+    ctx.put(f"{_dt(dt)}:{mode}_vs_eager", res)
 
 
 def _cpu_vs_gpu(ctx: Ctx):
@@ -466,119 +348,3 @@ def _cpu_vs_gpu(ctx: Ctx):
     ctx.put("float32_cpu_vs_gpu", dict(tokens_differing=d, tokens=cpu.tokens.numel(),
                                        max_pixel_diff=int((cpu.images.int() - gpu.images.int()).abs().max())))
     ctx.check(d == 0, f"float32 CPU vs GPU: {d} tokens differ on the tiny config")
-
-
-# ============================================================================ 5 attention kernels
-
-_ATTN_RE = re.compile(r"flash|fmha|attention|attn|sdpa|mha|scaled_dot|softmax|efficient|cudnn", re.I)
-
-
-def attention_kernels(ctx: Ctx):
-    from torch.profiler import ProfilerActivity, profile
-    dt = torch.bfloat16 if ctx.cuda else torch.float32
-    tok, ar = build_models(ctx, dt)
-    B = 4
-    labels = torch.arange(B, device=ctx.device) % ar.num_classes
-    ar.setup_cache(2 * B)
-    logits = ar.prefill(torch.cat([labels, torch.full_like(labels, ar.null_class)]))
-    tok_ids = logits.argmax(-1)
-    cache = tok.new_cond_cache(B)
-    codes = torch.randint(0, tok.codebook_size, (B, tok.group_size), device=ctx.device)
-    x = torch.randn(B, 3, *tok.image_size, device=ctx.device, dtype=dt)
-    cond = tok.cond_incremental(codes, 0, tok.new_cond_cache(B))
-    calls = {"ar_decode_step": lambda: ar.decode_one(tok_ids, 5),
-             "tokenizer_decoder_layers": lambda: tok.cond_incremental(codes, 0, cache),
-             "dit_velocity": lambda: tok.velocity(x, 0.3, cond)}
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ctx.cuda else [])
-    from dar_fast import attention
-    out = {"dar_fast_attention_backend": attention.backend(), "dtype": _dt(dt)}
-    with torch.no_grad():
-        for name, fn in calls.items():
-            fn()
-            ctx.sync()
-            with profile(activities=acts) as prof:
-                fn()
-                ctx.sync()
-            ops_, kern = set(), set()
-            for e in prof.events():
-                nm = e.name
-                if not _ATTN_RE.search(nm):
-                    continue
-                on_dev = str(getattr(e, "device_type", "")).endswith("CUDA")
-                (kern if on_dev else ops_).add(nm[:160])
-            out[name] = {"aten_ops": sorted(ops_), "gpu_kernels": sorted(kern) if ctx.cuda else "needs CUDA"}
-            ctx.check(bool(ops_ or kern), f"{name}: no attention op seen in the profile")
-            ctx.put("calls", out)
-
-
-# ============================================================================ 6 decode-step replay
-
-def decode_step(ctx: Ctx):
-    presets = ["D-AR-L", "D-AR-XL"] if ctx.cuda else ["tiny"]
-    batches = [1, 16, 64] if ctx.cuda else [1, 4]
-    for preset in presets:
-        if preset != presets[0] and ctx.time_left() < 20:
-            ctx.put(preset, "not run: too little of the section's cap left (XL runs only if time remains)")
-            continue
-        ctx.attempt(preset, _decode_preset, ctx, preset, batches)
-
-
-def _decode_preset(ctx: Ctx, preset: str, batches):
-    from torch.profiler import ProfilerActivity, profile
-
-    from _common import bench
-    from dar_fast import ops
-    from dar_fast.perf import ar_matmul_params, ar_weight_bytes
-    dt = torch.bfloat16 if ctx.cuda else torch.float32
-    _, ar = build_models(ctx, dt, preset=preset if ctx.cuda else "D-AR-L")
-    info = ctx.ceilings()
-    bw = info["mem_bw_gbs"]
-    rate = (info.get("bf16_tflops") or 0) if ctx.cuda else None
-    res = {}
-    for B in batches:
-        rows = 2 * B
-        ar.setup_cache(rows)
-        labels = torch.arange(B, device=ctx.device) % ar.num_classes
-        logits = ar.prefill(torch.cat([labels, torch.full_like(labels, ar.null_class)])).float()
-        seeds = torch.zeros(B, dtype=torch.int64, device=ctx.device)
-        ids = torch.arange(B, device=ctx.device)
-        pos = torch.full((1,), ar.num_tokens // 2, dtype=torch.int64, device=ctx.device)
-        buf = logits.clone()
-
-        def step():   # the engine's step: CFG + keyed sample, then one AR token for [cond; null]
-            t = ops.sample_tokens(buf[:B], buf[B:], cfg_scale=4.0, seeds=seeds, sample_ids=ids,
-                                  positions=pos.expand(B))
-            buf.copy_(ar.decode_one(torch.cat([t, t]), pos + 1))
-
-        with torch.no_grad():
-            step()
-            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ctx.cuda else [])
-            with profile(activities=acts) as prof:
-                step()
-                ctx.sync()
-            if ctx.cuda:
-                kernels = sum(1 for e in prof.events() if str(getattr(e, "device_type", "")).endswith("CUDA"))
-                s = torch.cuda.Stream()
-                s.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(s):
-                    step()
-                    step()
-                torch.cuda.current_stream().wait_stream(s)
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g):
-                    step()
-                t = bench(g.replay, ctx.device, rep_ms=100.0)
-                eager = bench(step, ctx.device, rep_ms=50.0)
-            else:
-                kernels = sum(1 for e in prof.events() if e.name.startswith("aten::"))
-                t = eager = bench(step, ctx.device, rep_ms=20.0, max_iters=5)
-        weight_ms = ar_weight_bytes(ar.cfg, 2 if ctx.cuda else 4) / (bw * 1e9) * 1e3
-        flop_ms = 2 * ar_matmul_params(ar.cfg) * rows / (rate * 1e12) * 1e3 if rate else 0.0
-        floor = max(weight_ms, flop_ms)
-        res[f"batch{B}"] = dict(ms_per_step=t["ms"], eager_ms_per_step=eager["ms"], method=t["method"],
-                                kernels_per_step=kernels if ctx.cuda else None,
-                                aten_ops_per_step=None if ctx.cuda else kernels,
-                                floor_ms=floor, weight_read_floor_ms=weight_ms, flop_floor_ms=flop_ms,
-                                multiple_of_floor=t["ms"] / floor if floor else None,
-                                replay="cuda graph" if ctx.cuda else "eager (CPU: no graphs)")
-        ctx.put(preset, res)

@@ -1,8 +1,10 @@
-"""gpu_check sections 7-12: engine end to end, tokenizer step, bf16 batch invariance, decode vs sample and
-the FID-shard writer, training steps, trimmed benchmarks. See _gpu_sections_a.py for the context (Ctx)."""
+"""gpu_check sections 5-12: attention kernels, decode step, engine end to end, tokenizer step, bf16 batch
+invariance, decode vs sample and the FID-shard writer, training steps, trimmed benchmarks. See
+_gpu_check_ctx.py for the context (Ctx) and the shared models."""
 from __future__ import annotations
 
 import os
+import re
 import resource
 import shutil
 import subprocess
@@ -11,7 +13,7 @@ import time
 
 import torch
 
-from _gpu_sections_a import Ctx, _dt, build_models
+from _gpu_check_ctx import Ctx, _dt, build_models, run_sub
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -20,6 +22,123 @@ def _peak_mem(ctx: Ctx) -> dict:
     if ctx.cuda:
         return dict(peak_gpu_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
     return dict(process_max_rss_gib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2))
+
+
+# ============================================================================ 5 attention kernels
+
+_ATTN_RE = re.compile(r"flash|fmha|attention|attn|sdpa|mha|scaled_dot|softmax|efficient|cudnn", re.I)
+
+
+def attention_kernels(ctx: Ctx):
+    from torch.profiler import ProfilerActivity, profile
+    dt = torch.bfloat16 if ctx.cuda else torch.float32
+    tok, ar = build_models(ctx, dt)
+    B = 4
+    labels = torch.arange(B, device=ctx.device) % ar.num_classes
+    ar.setup_cache(2 * B)
+    logits = ar.prefill(torch.cat([labels, torch.full_like(labels, ar.null_class)]))
+    tok_ids = logits.argmax(-1)
+    cache = tok.new_cond_cache(B)
+    codes = torch.randint(0, tok.codebook_size, (B, tok.group_size), device=ctx.device)
+    x = torch.randn(B, 3, *tok.image_size, device=ctx.device, dtype=dt)
+    cond = tok.cond_incremental(codes, 0, tok.new_cond_cache(B))
+    calls = {"ar_decode_step": lambda: ar.decode_one(tok_ids, 5),
+             "tokenizer_decoder_layers": lambda: tok.cond_incremental(codes, 0, cache),
+             "dit_velocity": lambda: tok.velocity(x, 0.3, cond)}
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ctx.cuda else [])
+    from dar_fast import attention
+    out = {"dar_fast_attention_backend": attention.backend(), "dtype": _dt(dt)}
+    with torch.no_grad():
+        for name, fn in calls.items():
+            fn()
+            ctx.sync()
+            with profile(activities=acts) as prof:
+                fn()
+                ctx.sync()
+            ops_, kern = set(), set()
+            for e in prof.events():
+                nm = e.name
+                if not _ATTN_RE.search(nm):
+                    continue
+                on_dev = str(getattr(e, "device_type", "")).endswith("CUDA")
+                (kern if on_dev else ops_).add(nm[:160])
+            out[name] = {"aten_ops": sorted(ops_), "gpu_kernels": sorted(kern) if ctx.cuda else "needs CUDA"}
+            ctx.check(bool(ops_ or kern), f"{name}: no attention op seen in the profile")
+            ctx.put("calls", out)
+
+
+# ============================================================================ 6 decode-step replay
+
+def decode_step(ctx: Ctx):
+    presets = ["D-AR-L", "D-AR-XL"] if ctx.cuda else ["tiny"]
+    batches = [1, 16, 64] if ctx.cuda else [1, 4]
+    for preset in presets:
+        if preset != presets[0] and ctx.time_left() < 20:
+            ctx.put(preset, "not run: too little of the section's cap left (XL runs only if time remains)")
+            continue
+        ctx.attempt(preset, _decode_preset, ctx, preset, batches)
+
+
+def _decode_preset(ctx: Ctx, preset: str, batches):
+    from torch.profiler import ProfilerActivity, profile
+
+    from _common import bench
+    from dar_fast import ops
+    from dar_fast.perf import ar_matmul_params, ar_weight_bytes
+    dt = torch.bfloat16 if ctx.cuda else torch.float32
+    _, ar = build_models(ctx, dt, preset=preset if ctx.cuda else "D-AR-L")
+    info = ctx.ceilings()
+    bw = info["mem_bw_gbs"]
+    rate = (info.get("bf16_tflops") or 0) if ctx.cuda else None
+    res = {}
+    for B in batches:
+        rows = 2 * B
+        ar.setup_cache(rows)
+        labels = torch.arange(B, device=ctx.device) % ar.num_classes
+        logits = ar.prefill(torch.cat([labels, torch.full_like(labels, ar.null_class)])).float()
+        seeds = torch.zeros(B, dtype=torch.int64, device=ctx.device)
+        ids = torch.arange(B, device=ctx.device)
+        pos = torch.full((1,), ar.num_tokens // 2, dtype=torch.int64, device=ctx.device)
+        buf = logits.clone()
+
+        def step():   # the engine's step: CFG + keyed sample, then one AR token for [cond; null]
+            t = ops.sample_tokens(buf[:B], buf[B:], cfg_scale=4.0, seeds=seeds, sample_ids=ids,
+                                  positions=pos.expand(B))
+            buf.copy_(ar.decode_one(torch.cat([t, t]), pos + 1))
+
+        with torch.no_grad():
+            step()
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ctx.cuda else [])
+            with profile(activities=acts) as prof:
+                step()
+                ctx.sync()
+            if ctx.cuda:
+                kernels = sum(1 for e in prof.events() if str(getattr(e, "device_type", "")).endswith("CUDA")
+                              and not e.name.lower().startswith(("memcpy", "memset")))
+                s = torch.cuda.Stream()
+                s.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(s):
+                    step()
+                    step()
+                torch.cuda.current_stream().wait_stream(s)
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    step()
+                t = bench(g.replay, ctx.device, rep_ms=100.0)
+                eager = bench(step, ctx.device, rep_ms=50.0)
+            else:
+                kernels = sum(1 for e in prof.events() if e.name.startswith("aten::"))
+                t = eager = bench(step, ctx.device, rep_ms=20.0, max_iters=5)
+        weight_ms = ar_weight_bytes(ar.cfg, 2 if ctx.cuda else 4) / (bw * 1e9) * 1e3
+        flop_ms = 2 * ar_matmul_params(ar.cfg) * rows / (rate * 1e12) * 1e3 if rate else 0.0
+        floor = max(weight_ms, flop_ms)
+        res[f"batch{B}"] = dict(ms_per_step=t["ms"], eager_ms_per_step=eager["ms"], method=t["method"],
+                                kernels_per_step=kernels if ctx.cuda else None,
+                                aten_ops_per_step=None if ctx.cuda else kernels,
+                                floor_ms=floor, weight_read_floor_ms=weight_ms, flop_floor_ms=flop_ms,
+                                multiple_of_floor=t["ms"] / floor if floor else None,
+                                replay="cuda graph" if ctx.cuda else "eager (CPU: no graphs)")
+        ctx.put(preset, res)
 
 
 # ============================================================================ 7 engine end to end
@@ -284,7 +403,7 @@ def benchmarks(ctx: Ctx):
         t0 = time.time()
         env = dict(os.environ, OMP_NUM_THREADS="1") if ctx.smoke else dict(os.environ)
         try:
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=left, env=env)
+            r = run_sub(cmd, timeout=left, env=env)
         except subprocess.TimeoutExpired:
             ctx.check(False, f"{name}: timed out after {left:.0f}s")
             continue
