@@ -54,3 +54,12 @@ def interpreted_stdlib(*extra_modules):
     finally:
         for mod, name, orig, _ in twins:
             setattr(mod, name, orig)
+
+
+def on_device(t):
+    """`t`'s CUDA device as the current one for a launch (a no-op for CPU tensors): Triton launches on the
+    current device, so a tensor on cuda:1 under current device 0 would be read through the wrong GPU."""
+    if getattr(t, "is_cuda", False):
+        import torch
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()

@@ -48,7 +48,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from dar_fast.kernels._interp import interpreted_stdlib, interpreting
+from dar_fast.kernels._interp import interpreted_stdlib, interpreting, on_device
 from dar_fast.kernels.backend import use_triton
 
 try:  # optional: the module must import (and the reference run) without triton
@@ -195,7 +195,7 @@ def adaln_fwd_triton(x, gate, y, shift, scale, eps, normalize):
     rstd = torch.empty(B * T, dtype=torch.float32, device=x.device)
     if B * T and C:
         bc = triton.next_power_of_2(C)
-        with interpreted_stdlib():
+        with interpreted_stdlib(), on_device(x):
             _kernels(interpreting())[0][(B * T,)](
                 x, g, x if y is None else y, sh, sc, x if h is None else h, x if o is None else o, mean, rstd,
                 T, C, sgb, sgt, sshb, ssht, sscb, ssct, float(eps),
@@ -217,7 +217,7 @@ def adaln_bwd_triton(hin, gate, y, scale, mean, rstd, go, gh, normalize):
     gh = None if gh is None else gh.contiguous()
     if B * T and C:
         bc = triton.next_power_of_2(C)
-        with interpreted_stdlib():
+        with interpreted_stdlib(), on_device(hin):
             _kernels(interpreting())[1][(B * T,)](
                 hin, g, hin if y is None else y, sc, mean, rstd, hin if go is None else go, hin if gh is None else gh,
                 dh, dh if dsc is None else dsc, dh if dy is None else dy, dh if dg is None else dg,

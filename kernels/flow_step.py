@@ -41,7 +41,7 @@ import numbers
 
 import torch
 
-from dar_fast.kernels._interp import interpreted_stdlib, interpreting
+from dar_fast.kernels._interp import interpreted_stdlib, interpreting, on_device
 from dar_fast.kernels.backend import use_triton
 
 try:  # optional: the module must import (and the reference run) without triton
@@ -208,7 +208,7 @@ def flow_step_triton(x, v, v_prev, t, t_next, data_std=None, to_uint8=False):
         dsv = float(1.0 / data_std.float()) if isinstance(data_std, torch.Tensor) else 1.0 / float(data_std)
         dsp = None
     dt = tnv - tv                                   # float64 difference, rounded to fp32 once in the kernel
-    with interpreted_stdlib():
+    with interpreted_stdlib(), on_device(x):
         _kernel(interpreting())[(triton.cdiv(S, block_s), B)](
             x, v, x if vp is None else vp, out,
             x if tp is None else tp, x if tnp is None else tnp, x if dsp is None else dsp,

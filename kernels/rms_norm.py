@@ -42,7 +42,7 @@ import functools
 
 import torch
 
-from dar_fast.kernels._interp import interpreted_stdlib, interpreting
+from dar_fast.kernels._interp import interpreted_stdlib, interpreting, on_device
 from dar_fast.kernels.backend import use_triton
 
 try:  # optional: the module must import (and the reference run) without triton
@@ -149,7 +149,7 @@ def rms_norm_fwd_triton(x, weight, eps, residual=None):
     y2 = y.view(-1, C)
     h2 = y2 if h is None else h.view(-1, C)
     bc = triton.next_power_of_2(C)
-    with interpreted_stdlib():
+    with interpreted_stdlib(), on_device(x):
         _kernels(interpreting())[0][(M,)](
             x2, x2 if r2 is None else r2, weight.contiguous(), y2, h2, rstd, C,
             x2.stride(0), 0 if r2 is None else r2.stride(0), y2.stride(0), h2.stride(0), float(eps),
@@ -171,7 +171,7 @@ def rms_norm_bwd_triton(h, weight, rstd, gy, gh=None):
     dw = torch.zeros(n_prog, C, dtype=torch.float32, device=h.device)
     if M:
         bc = triton.next_power_of_2(C)
-        with interpreted_stdlib():
+        with interpreted_stdlib(), on_device(h):
             _kernels(interpreting())[1][(n_prog,)](
                 h2, gy2, gy2 if gh2 is None else gh2, weight.contiguous(), rstd, dx, dw, M, C, rows,
                 HAS_GH=gh2 is not None, BLOCK_C=bc, num_warps=_warps(bc))

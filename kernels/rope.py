@@ -39,7 +39,7 @@ import sys
 
 import torch
 
-from dar_fast.kernels._interp import interpreted_stdlib, interpreting
+from dar_fast.kernels._interp import interpreted_stdlib, interpreting, on_device
 from dar_fast.kernels.backend import use_triton
 
 try:  # optional: the module must import (and the reference run) without triton
@@ -204,7 +204,7 @@ def rope_triton(q: torch.Tensor, k: torch.Tensor | None, pos: torch.Tensor, base
     if B * T == 0:
         return qo, (None if k is None else ko)
     block_h = min(triton.next_power_of_2(max(Hq, Hk)), 16)
-    with interpreted_stdlib(sys.modules[__name__]):
+    with interpreted_stdlib(sys.modules[__name__]), on_device(q):
         _kernel(interpreting())[(B * T,)](
             q, kk, qo, ko, pos, freqs, T, Hq, Hk,
             *q.stride(), *kk.stride(), *qo.stride(), *ko.stride(), *pos.stride(),

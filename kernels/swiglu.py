@@ -36,7 +36,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from dar_fast.kernels._interp import interpreted_stdlib, interpreting
+from dar_fast.kernels._interp import interpreted_stdlib, interpreting, on_device
 from dar_fast.kernels.backend import use_triton
 
 try:  # optional: the module must import (and the reference run) without triton
@@ -124,7 +124,7 @@ def swiglu_fwd_triton(x13: torch.Tensor) -> torch.Tensor:
     y = torch.empty(*x13.shape[:-1], H, dtype=x13.dtype, device=x13.device)
     if M and H:
         blk = min(_BLOCK, triton.next_power_of_2(H))
-        with interpreted_stdlib():
+        with interpreted_stdlib(), on_device(x13):
             _kernels(interpreting())[0][(M, triton.cdiv(H, blk))](x2, y.view(-1, H), H, x2.stride(0), H,
                                                                   BLOCK=blk, num_warps=4)
     return y
@@ -139,7 +139,7 @@ def swiglu_bwd_triton(x13: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     dx = torch.empty(x13.shape, dtype=x13.dtype, device=x13.device)
     if M and H:
         blk = min(_BLOCK, triton.next_power_of_2(H))
-        with interpreted_stdlib():
+        with interpreted_stdlib(), on_device(x13):
             _kernels(interpreting())[1][(M, triton.cdiv(H, blk))](x2, g2, dx.view(-1, 2 * H), H, x2.stride(0), H,
                                                                   2 * H, BLOCK=blk, num_warps=4)
     return dx

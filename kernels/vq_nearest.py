@@ -45,7 +45,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from dar_fast.kernels._interp import interpreted_stdlib, interpreting
+from dar_fast.kernels._interp import interpreted_stdlib, interpreting, on_device
 from dar_fast.kernels.backend import use_triton
 
 try:  # optional: the module must import (and the reference run) without triton
@@ -211,7 +211,7 @@ def vq_nearest_triton(z: torch.Tensor, codebook: torch.Tensor, *, split: int | N
     else:
         pval = torch.empty((split, M), dtype=torch.float32, device=z.device)
         pidx = torch.empty((split, M), dtype=torch.int32, device=z.device)
-    with interpreted_stdlib():
+    with interpreted_stdlib(), on_device(z):
         main[(m_blocks, split)](z, cbt, out, pval, pidx, M, np_, z.stride(0), z.stride(1), tiles_per_split,
                                 D=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
                                 USE_DOT=bool(use_dot), PARTIAL=split > 1, num_warps=warps)
