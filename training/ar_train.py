@@ -198,7 +198,8 @@ class ARTrainer(Trainer):
         a = args
         self.base_lr = float(a.lr if a.lr is not None else DEFAULTS["lr"])
         self.warmup = int(a.warmup if a.warmup is not None else DEFAULTS["warmup"])
-        self.class_dropout = float(a.class_dropout)
+        # released: the config's class_dropout_prob (default 0.1) unless the command line overrides it
+        self.class_dropout = float(a.class_dropout if a.class_dropout is not None else self.cfg.class_dropout_prob)
         if not 0.0 <= self.class_dropout < 1.0:
             raise ValueError(f"--class-dropout must be in [0, 1), got {a.class_dropout}")
         frac = float(a.lr_decay_frac)

@@ -74,7 +74,8 @@ def register(sub):
                                    "(EMA weights, dar_fast.load_ar opens it).")
     p.add_argument("--preset", default="D-AR-L", help=f"AR preset or config file ({', '.join(sorted(AR_PRESETS))})")
     p.add_argument("--codes", required=True, help="directory written by dar-fast extract-codes")
-    p.add_argument("--class-dropout", type=float, default=0.1, help="null-class probability for CFG (default 0.1)")
+    p.add_argument("--class-dropout", type=float, default=None,
+                   help="null-class probability for CFG (default: the config's class_dropout_prob, 0.1 as released)")
     p.add_argument("--lr-decay-frac", type=float, default=1 / 6,
                    help="linear decay to --lr-final over this last fraction of the steps (default 1/6; 0 = none)")
     p.add_argument("--lr-final", type=float, default=1e-5)

@@ -87,15 +87,28 @@ class FeedForward(nn.Module):
         return self.ffn_dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
 
 
+def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Stochastic depth (training only): drop the whole residual branch of a sample with probability p,
+    scaling kept ones by 1/(1-p), as timm's DropPath the released model uses."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - p)
+    return x * keep / (1 - p)
+
+
 class TransformerBlock(nn.Module):
-    def __init__(self, cfg: ARConfig):
+    def __init__(self, cfg: ARConfig, drop_path_p: float = 0.0):
         super().__init__()
+        self.drop_path_p = float(drop_path_p)
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attention = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
     def forward(self, x, rope_pos, input_pos=None, mask=None):
+        if self.drop_path_p > 0.0 and self.training:
+            x = x + drop_path(self.attention(self.attention_norm(x), rope_pos, input_pos, mask), self.drop_path_p, True)
+            return x + drop_path(self.feed_forward(self.ffn_norm(x)), self.drop_path_p, True)
         x = x + self.attention(self.attention_norm(x), rope_pos, input_pos, mask)
         return x + self.feed_forward(self.ffn_norm(x))
 
@@ -119,7 +132,9 @@ class ARModel(nn.Module):
         self.cls_embedding = LabelEmbedder(cfg.num_classes, cfg.dim)
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.tok_dropout = nn.Dropout(cfg.token_dropout_p)
-        self.layers = nn.ModuleList([TransformerBlock(cfg) for _ in range(cfg.n_layer)])
+        # released: drop-path rate rising linearly from 0 to drop_path_rate over the layers (training only)
+        dpr = torch.linspace(0, cfg.drop_path_rate, cfg.n_layer, device="cpu").tolist()   # cpu: also under meta
+        self.layers = nn.ModuleList([TransformerBlock(cfg, dpr[i]) for i in range(cfg.n_layer)])
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.cache_batch = 0
