@@ -8,7 +8,9 @@ Protocol (the released `tokenizer/tokenizer_image/reconstruction_vq_ddp.py` of s
 1. Images in data-set order (ImageFolder order: sorted class folders, sorted files; or webdataset tars),
    converted to RGB, centre-cropped with ADM's `center_crop_arr` (the one LlamaGen and the released script
    import): halve with BOX while the short side >= 2S, BICUBIC resize so the short side is S, crop S x S from
-   the centre (offsets floor((side - S) / 2)). `training.data.plan_crop(..., "center")` does exactly this.
+   the centre (offsets floor((side - S) / 2)). The released script imports it from LlamaGen's
+   `dataset/augmentation.py` (not shipped in the D-AR repository); `training.data.plan_crop(..., "center")`
+   does exactly this.
 2. Pixels to the model as released: ToTensor then Normalize(0.5, 0.5), i.e. (p / 255 - 0.5) / 0.5 in float32.
 3. Encode to codes, decode with S steps (default: the checkpoint's num_denoising_steps, as released; --steps
    overrides it like the released --steps) and the solver (released: adams2), at max(sampling_resolution, S)

@@ -168,6 +168,25 @@ def test_kill_and_rerun_gives_the_same_file(setup, reference_run, tmp_path):
     assert not shard_dir.exists()
 
 
+def test_webdataset_tars_give_the_same_files(setup, reference_run, tmp_path):
+    import tarfile
+    d = setup[0]
+    files = sorted((p for p in (d / "data").rglob("*.png")), key=lambda p: (p.parent.name, p.name))
+    with tarfile.open(tmp_path / "shard-000.tar", "w") as tf:        # same order as the folder: same indices
+        for i, p in enumerate(files):
+            tf.add(p, arcname=f"{i:05d}.png")
+            cls = tmp_path / "cls"
+            cls.write_text(p.parent.name[1])
+            tf.add(cls, arcname=f"{i:05d}.cls")
+    out = tmp_path / "t.npz"
+    argv = _args(setup, out)
+    argv[argv.index("--data") + 1] = str(tmp_path / "shard-000.tar")
+    assert _run(argv) == 0
+    assert np.array_equal(np.load(str(out)[:-4] + "_gt.npz")["arr_0"],
+                          np.load(str(reference_run)[:-4] + "_gt.npz")["arr_0"])
+    _same(reference_run, out)
+
+
 def test_steps_solver_and_previews(setup, reference_run, tmp_path):
     from dar_fast import ops
     from dar_fast.seeding import sample_noise
