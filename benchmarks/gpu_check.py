@@ -222,7 +222,10 @@ def main(argv=None) -> int:
     for stale in ("gpu_check.log", "pytest_gpu.xml", "bench_sample_tokens.json", "bench_sampling.json"):
         if os.path.exists(os.path.join(out, stale)):
             os.remove(os.path.join(out, stale))
-    import torch  # noqa: F401  imported once here (never touching CUDA) so each forked section skips the ~5 s
+    # torch is imported once, before the first section is forked, so each section skips the ~2-6 s import.
+    # The parent must never initialise CUDA (a forked child could not use it): the NVML device count keeps even
+    # a stray is_available() from calling cuInit, and a check before each fork makes sure.
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
 
     git = _git_sha()
     report = dict(tool="benchmarks/gpu_check.py", smoke=args.smoke, budget_s=args.budget_s, started=_now(),
@@ -243,6 +246,9 @@ def main(argv=None) -> int:
                                                 f"{max(left, 0):.0f}s of --budget-s {args.budget_s:.0f} are left",
                        seconds=0.0, figures={})
         else:
+            import torch
+            if torch.cuda.is_initialized():
+                print("gpu_check: CUDA was initialised before forking a section; it may fail", file=sys.stderr)
             rec = run_section(name, out, args.smoke, cap)
         report["sections"][name] = rec
         report["summary"] = _summary(report["sections"])
