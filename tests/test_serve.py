@@ -53,8 +53,21 @@ def _pixels(b64: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
 
 
+_REFS = {}
+
+
 def _same_as_pipeline(ref, body, resp):
     """Tokens and decoded PNG pixels equal Pipeline.sample for the same keys (exact equality)."""
+    key = json.dumps(body, sort_keys=True)
+    if key not in _REFS:
+        _REFS[key] = _pipeline_sample(ref, body)
+    out = _REFS[key]
+    assert torch.equal(torch.tensor(resp["tokens"]), out.tokens), body
+    for i, b in enumerate(resp["images"]):
+        assert np.array_equal(_pixels(b), out.images[i].numpy()), (body, i)
+
+
+def _pipeline_sample(ref, body):
     kw = dict(cfg=body.get("cfg", CFG), seed=body.get("seed", 0))
     for k in ("temperature", "top_k", "top_p", "sample_ids", "steps", "solver"):
         if k in body:
@@ -63,10 +76,7 @@ def _same_as_pipeline(ref, body, resp):
         kw["prefix_tokens"] = torch.tensor(body["prefix_tokens"]).expand(len(body["labels"]), -1)  # one row: shared
     if isinstance(kw["cfg"], list):
         kw["cfg"] = tuple(kw["cfg"])
-    out = ref.sample(body["labels"], **kw)
-    assert torch.equal(torch.tensor(resp["tokens"]), out.tokens), body
-    for i, b in enumerate(resp["images"]):
-        assert np.array_equal(_pixels(b), out.images[i].numpy()), (body, i)
+    return ref.sample(body["labels"], **kw)
 
 
 def _sse(text: str):
@@ -264,11 +274,17 @@ def test_disconnect_mid_stream_frees_rows(server, monkeypatch):
 
 def test_queue_limit_answers_503_with_retry_after(server):
     url, batcher = server
-    gate = threading.Event()
+    gate, entered = threading.Event(), threading.Event()
     blocked = concurrent.futures.Future()
-    batcher.call(gate.wait, blocked)                  # hold the worker: queued rows stay queued
+
+    def hold():
+        entered.set()
+        gate.wait(60)
+
+    batcher.call(hold, blocked)                       # hold the worker: queued rows stay queued
+    assert entered.wait(30)
+    jobs = []
     try:
-        jobs = []
         for _ in range(4):                            # 4 x 8 rows = --max-queue 32
             j = Job(labels=torch.zeros(8, dtype=torch.int64), seeds=torch.zeros(8, dtype=torch.int64),
                     ids=torch.arange(8), scales=None, temperature=1.0, top_k=0, top_p=1.0, prefix=None,
@@ -301,16 +317,30 @@ def test_page_is_served_without_external_assets(server):
     assert "http://" not in html and "https://" not in html           # nothing fetched from elsewhere
 
 
-def test_package_imports_without_the_serve_extra(tmp_path):
-    # fastapi/uvicorn blocked: `import dar_fast.serve` works and `dar-fast serve` prints the install line
-    code = ("import sys, importlib.util as u\n"
+def test_package_imports_without_the_serve_extra():
+    # fastapi/uvicorn blocked: `import dar_fast.serve` works and the command prints the install line
+    code = ("import sys, argparse, importlib.util as u\n"
             "_orig = u.find_spec\n"
             "u.find_spec = lambda name, *a: None if name in ('fastapi', 'uvicorn') else _orig(name, *a)\n"
             "sys.modules['fastapi'] = None; sys.modules['uvicorn'] = None\n"
             "import dar_fast.serve\n"
-            "from dar_fast.cli import main\n"
-            "sys.exit(main(['serve']))\n")
+            "from dar_fast.serve.command import run\n"
+            "sys.exit(run(argparse.Namespace()))\n")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 1, p.stderr
     assert p.stderr.strip().splitlines()[-1].endswith("install the serve extra: pip install dar-fast[serve]")
     assert "Traceback" not in p.stderr
+
+
+def test_cli_serve_says_what_to_install(monkeypatch, capsys):
+    import dar_fast.serve
+    from dar_fast.cli import main
+    monkeypatch.setattr(dar_fast.serve, "missing_dependency", lambda: "uvicorn")
+    assert main(["serve", "--port", "0"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["dar-fast serve: error: uvicorn is not installed; install the serve extra: pip install dar-fast[serve]"]
+    try:                                            # a bad port is refused at parse time, before any loading
+        rc = main(["serve", "--port", "70000"])
+    except SystemExit as e:                         # argparse's own exit
+        rc = e.code
+    assert rc == 2 and "0..65535" in capsys.readouterr().err
