@@ -39,15 +39,15 @@ sys.path.insert(0, REPO)
 # runs ~150 tests on 4 workers. A second run can raise one with --cap NAME=SECONDS.
 SECTIONS = [
     ("environment", 15, 30),
-    ("pytest_gpu", 75, 60),
-    ("kernels", 20, 40),
+    ("pytest_gpu", 70, 60),
+    ("kernels", 35, 40),
     ("engine_correctness", 75, 40),
     ("attention_kernels", 10, 20),
     ("decode_step", 30, 20),
-    ("engine_end_to_end", 50, 30),
+    ("engine_end_to_end", 45, 30),
     ("tokenizer_step", 10, 20),
     ("batch_invariance", 40, 30),
-    ("decode_and_fid_writer", 25, 20),
+    ("decode_and_fid_writer", 20, 20),
     ("training", 80, 40),
     ("benchmarks", 50, 90),
 ]
