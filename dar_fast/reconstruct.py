@@ -63,6 +63,8 @@ def register(sub):
                        description=__doc__.split("\n\n")[0])
     p.add_argument("--tokenizer", default=None, help="tokenizer checkpoint (default: the embedded digits tokenizer)")
     p.add_argument("--tokenizer-config", default=None, help="config for a checkpoint without one (preset or file)")
+    p.add_argument("--weights", choices=["ema", "model"], default=None,
+                   help="which set of a released .pt (default: ema when present, as the released --use-ema)")
     p.add_argument("--data", required=True,
                    help="ImageFolder directory, .tar shard(s) (a directory of them or a brace pattern), or "
                         "digits / digits:train / digits:holdout")
@@ -230,7 +232,7 @@ def _load_tokenizer(args, device, precision):
         path = DIGITS_TOKENIZER
     dtype = torch.bfloat16 if precision == "fast" else torch.float32
     try:
-        tok = load_tokenizer(path, config=args.tokenizer_config, device=device, dtype=dtype)
+        tok = load_tokenizer(path, config=args.tokenizer_config, device=device, dtype=dtype, weights=args.weights)
     except ValueError as e:         # a checkpoint that does not match its config, a bad config value
         raise UsageError(f"--tokenizer {path}: {e}") from e
     return tok, model_identity(args.tokenizer)
@@ -273,6 +275,7 @@ def run(args) -> int:
     settings = dict(data=str(args.data), data_sha256=_source_identity(src), num_images=N, batch_size=B,
                     image_size=S, steps=steps, solver=args.solver, precision=args.precision, seed=args.seed,
                     gt_pixels=args.gt_pixels, tokenizer_sha256=tok_id, weights_dtype=str(tok.dtype),
+                    weights=getattr(tok, "loaded_weights", None),
                     device_type=device.type, crop="adm_center_crop_arr")
     so = ShardedOutput(args.out, settings, num_items=N, shard_size=B,
                        fields={"recon": ((S, S, 3), np.uint8), "gt": ((S, S, 3), np.uint8),
@@ -282,6 +285,10 @@ def run(args) -> int:
                        outputs={args.out: {"arr_0": "recon", "arr_1": "labels"},
                                 gt_out: {"arr_0": "gt", "arr_1": "labels"}},
                        overwrite=args.overwrite, log=lambda m: print(f"dar-fast reconstruct: {m}", file=sys.stderr))
+    if rank == 0:
+        print(f"dar-fast reconstruct: {N} images of {args.data}, {S}x{S} centre crops; tokenizer "
+              f"{args.tokenizer or 'digits (embedded)'} ({settings['weights'] or 'its'} weights), {steps} steps "
+              f"{args.solver}, precision {args.precision}, {world} process(es)", file=sys.stderr)
     pool = concurrent.futures.ThreadPoolExecutor(max(1, args.num_workers))
 
     def submit(k):        # decode a shard's images in the background while the model works on the previous one

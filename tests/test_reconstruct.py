@@ -124,6 +124,7 @@ def test_metrics_match_the_files(setup, reference_run):
     assert "NOT Inception" in met["frechet_distance_features"]
     s = m["settings"]
     assert (s["steps"], s["solver"], s["precision"], s["crop"]) == (4, "adams2", "float32", "adm_center_crop_arr")
+    assert s["weights"] == dar_fast.load_tokenizer(setup[1]).loaded_weights
 
 
 def test_batch_size_invariance(setup, reference_run, tmp_path):
