@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from dar_fast import ops
 from dar_fast.kernels import sample_tokens as _st
-from dar_fast.models.layers import layer_norm
+from dar_fast.models.layers import layer_norm, rope_table, rotate
 
 
 def _f32(x: float) -> float:
@@ -41,22 +41,6 @@ def _f32(x: float) -> float:
         return struct.unpack("<f", struct.pack("<f", x))[0]
     except OverflowError:
         return math.inf
-
-
-def rope_cos_sin(num_pos: int, head_dim: int, base: float, device):
-    """(num_pos, head_dim/2) float32 cos and sin of 1D RoPE at positions 0..num_pos-1, built once.
-    Bit-identical to what the reference computes per call (same `rope_angles`, same cos/sin)."""
-    from dar_fast.kernels.rope import rope_angles
-    ang = rope_angles(torch.arange(num_pos, device=device, dtype=torch.int32)[:, None], head_dim, base)
-    return torch.cos(ang), torch.sin(ang)
-
-
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B,T,H,D) rotated pairwise by cos/sin (T,D/2), in float32, as the RoPE reference does."""
-    xf = x.float().reshape(*x.shape[:-1], -1, 2)
-    x0, x1 = xf[..., 0], xf[..., 1]
-    c, s = cos[None, :, None, :], sin[None, :, None, :]
-    return torch.stack([c * x0 - s * x1, s * x0 + c * x1], dim=-1).reshape(x.shape).to(x.dtype)
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor):
@@ -196,7 +180,7 @@ class DecodeStep(_Runner):
                          float(top_p))
         self._eager_settings = (float(temperature), int(top_k), float(top_p))
         base = getattr(ar.layers[0].attention, "rope_base", 10000.0)     # what the model rotates with
-        self.cos, self.sin = rope_cos_sin(self.cache_len, ar.cfg.head_dim, base, dev)
+        self.cos, self.sin = rope_table(torch.arange(self.cache_len, device=dev), ar.cfg.head_dim, base)   # once
         if mode != "eager" and _st.extension_status()["built"] is False:
             self.fallback = "the C++ sampler op is not built (it is what the compiled graph calls); running eager"
             self.mode = "eager"

@@ -16,6 +16,22 @@ def layer_norm(x: torch.Tensor) -> torch.Tensor:
     return F.layer_norm(x, x.shape[-1:], eps=LN_EPS)
 
 
+def rope_table(pos: torch.Tensor, head_dim: int, base: float):
+    """(cos, sin), each (T, head_dim/2) float32, of the RoPE positions pos (T,) / (T,P): computed once per
+    grid instead of once per call; bit-identical to what the RoPE reference computes per call."""
+    from dar_fast.kernels.rope import rope_angles
+    ang = rope_angles(pos if pos.dim() == 2 else pos[:, None], head_dim, base)
+    return torch.cos(ang), torch.sin(ang)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B,T,H,D) rotated pairwise (2i, 2i+1) by the table rows (T,D/2), in float32 as the reference."""
+    xf = x.float().reshape(*x.shape[:-1], -1, 2)
+    x0, x1 = xf[..., 0], xf[..., 1]
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    return torch.stack([c * x0 - s * x1, s * x0 + c * x1], dim=-1).reshape(x.shape).to(x.dtype)
+
+
 class Attention(nn.Module):
     """Multi-head attention with per-head LayerNorm on q and k (head_dim 64), optional RoPE.
 
@@ -43,7 +59,11 @@ class Attention(nn.Module):
         q = self.q_norm(self.q(x).view(B, T, self.num_heads, self.head_dim))      # (B,T,H,hd)
         k = self.k_norm(self.k(ctx).view(B, S, self.num_heads, self.head_dim))    # (B,S,H,hd)
         v = self.v(ctx).view(B, S, self.num_heads, self.head_dim)
-        if pos is not None:
+        if isinstance(pos, tuple):      # (cos, sin) tables built once per grid (`rope_table`)
+            q, k_rot = rotate(q, *pos), (rotate(k, *pos) if context is None else None)
+            if context is None:
+                k = k_rot
+        elif pos is not None:
             q, k_rot = ops.apply_rope(q, k if context is None else None, pos, self.rope_base)
             if context is None:
                 k = k_rot
