@@ -21,7 +21,7 @@ def _common(p: argparse.ArgumentParser, *, defaults: dict):
                    help="write <out>/checkpoint.pt every N steps (and always at the end); 0 = only at the end")
     p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
                    help="continue the run in --out (or from CKPT) up to --steps, exactly")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, data order and augmentation")
     p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {defaults['lr']})")
     p.add_argument("--warmup", type=int, default=None, help="linear warmup steps")
     p.add_argument("--weight-decay", type=float, default=None, help=f"AdamW weight decay (default {defaults['wd']})")
@@ -52,7 +52,8 @@ def register(sub):
                    help=f"tokenizer preset or config file ({', '.join(sorted(TOKENIZER_PRESETS))}; default tokenizer_v1)")
     p.add_argument("--data", required=True,
                    help="ImageFolder directory, webdataset .tar shard(s), or 'digits' / 'digits:train'")
-    p.add_argument("--loader", default="auto", choices=["auto", "dali", "torch", "memory"])
+    p.add_argument("--loader", default="auto", choices=["auto", "dali", "torch", "memory"],
+                   help="image loader: DALI, a torch DataLoader, or all in memory (auto: DALI if installed)")
     p.add_argument("--num-workers", type=int, default=4, help="decoding workers of the torch loader")
     p.add_argument("--augment", default=None, choices=["center", "random_crop_flip"],
                    help="default: random_crop_flip (released), center for digits")
@@ -78,7 +79,7 @@ def register(sub):
                    help="null-class probability for CFG (default: the config's class_dropout_prob, 0.1 as released)")
     p.add_argument("--lr-decay-frac", type=float, default=1 / 6,
                    help="linear decay to --lr-final over this last fraction of the steps (default 1/6; 0 = none)")
-    p.add_argument("--lr-final", type=float, default=1e-5)
+    p.add_argument("--lr-final", type=float, default=1e-5, help="learning rate at the end of the decay (default 1e-5)")
     _common(p, defaults=dict(batch=256, lr=4e-4, wd=0.05))
     p.set_defaults(func=run_train_ar)
 
@@ -88,15 +89,16 @@ def register(sub):
                                    "into <out>/codes.npy (+ labels.npy, meta.json), sharded over torchrun ranks.")
     p.add_argument("--tokenizer", required=True, help="tokenizer checkpoint (.safetensors or released .pt)")
     p.add_argument("--data", required=True, help="ImageFolder directory, .tar shard(s), or 'digits'")
-    p.add_argument("--out", required=True)
-    p.add_argument("--loader", default="auto", choices=["auto", "dali", "torch", "memory"])
+    p.add_argument("--out", required=True, help="output folder for codes.npy, labels.npy and meta.json")
+    p.add_argument("--loader", default="auto", choices=["auto", "dali", "torch", "memory"],
+                   help="image loader: DALI, a torch DataLoader, or all in memory (auto: DALI if installed)")
     p.add_argument("--flip", action="store_true", help="also encode the horizontal mirror of every image")
     p.add_argument("--batch-size", type=int, default=64, help="images per encoder call on each rank")
-    p.add_argument("--num-workers", type=int, default=4)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--num-workers", type=int, default=4, help="decoding workers of the torch loader (default 4)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (torchrun: cuda:LOCAL_RANK)")
     p.add_argument("--overwrite", action="store_true", help="replace codes already in --out")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=run_extract_codes)
 
 
