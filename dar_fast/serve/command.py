@@ -34,14 +34,16 @@ def register(sub):
                                    "Without checkpoints it serves the embedded digits model on the CPU.")
     p.add_argument("--tokenizer", default=None, help="tokenizer checkpoint (default: the embedded digits model)")
     p.add_argument("--ar", default=None, help="AR checkpoint (give with --tokenizer)")
-    p.add_argument("--tokenizer-config", default=None)
-    p.add_argument("--ar-config", default=None)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=_port, default=8000)
+    p.add_argument("--tokenizer-config", default=None,
+                   help="tokenizer preset or JSON/YAML config, for a checkpoint without one")
+    p.add_argument("--ar-config", default=None, help="AR preset or JSON/YAML config, for a checkpoint without one")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=_port, default=8000, help="TCP port (default 8000)")
     p.add_argument("--max-batch", type=_positive, default=64, help="rows (images) the engine runs at once")
     p.add_argument("--max-queue", type=_positive, default=256, help="rows waiting before requests get 503")
     p.add_argument("--device", default=None, help="default: cpu for the digits model, else cuda when available")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="weights' dtype (default: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--precision", choices=["highest", "high", "medium"], default=None,
                    help="torch float32 matmul precision (high/medium allow TF32 on GPUs)")
     p.set_defaults(func=run)
