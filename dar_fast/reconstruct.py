@@ -73,7 +73,8 @@ def register(sub):
     p.add_argument("--num-images", type=int, default=None, help="the first N images of --data (default: all)")
     p.add_argument("--image-size", type=int, default=None, help="centre-crop size S (default: the tokenizer's)")
     p.add_argument("--steps", type=int, default=None, help="diffusion steps (default: the checkpoint's)")
-    p.add_argument("--solver", choices=["adams2", "euler"], default="adams2")
+    p.add_argument("--solver", choices=["adams2", "euler"], default="adams2",
+                   help="flow solver (default adams2, as released)")
     p.add_argument("--batch-size", type=int, default=32, help="per-process batch (also the shard size)")
     p.add_argument("--precision", choices=PRECISIONS, default="released",
                    help="released: bf16 autocast + TF32 as the released script; fast: bf16 weights; "
@@ -85,7 +86,7 @@ def register(sub):
                    help=f"also write <out minus .npz>_previews.png: input, previews after each step, reconstruction "
                         f"for the first {NUM_PREVIEWS} images")
     p.add_argument("--num-workers", type=int, default=4, help="image-decoding threads per process")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="default: this rank's GPU, else cpu")
     p.add_argument("--keep-shards", action="store_true", help="keep <out>.shards/ after assembling")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a finished --out (or discard unfinished shards) made with other settings")
