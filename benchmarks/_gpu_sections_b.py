@@ -80,9 +80,14 @@ def decode_step(ctx: Ctx):
 
 
 def _decode_preset(ctx: Ctx, preset: str, batches):
+    """ms per decode step at a mid-sequence position (K steps per timing), graph-replayed on a GPU.
+
+    The step timed is the engine's own (engine_graphs.DecodeStep.step_static: sample, embed, L layers with
+    attention over the used prefix, logits) with eager kernels inside our CUDA graph: no torch.compile, whose
+    per-process cost would not fit this section's cap. The engine's compiled + captured step is timed end to end
+    in engine_end_to_end (ar_ms_per_token). Without DecodeStep in the tree, the model's decode_one is timed."""
     from torch.profiler import ProfilerActivity, profile
 
-    from _common import bench
     from dar_fast import ops
     from dar_fast.perf import ar_matmul_params, ar_weight_bytes
     dt = torch.bfloat16 if ctx.cuda else torch.float32
@@ -90,24 +95,46 @@ def _decode_preset(ctx: Ctx, preset: str, batches):
     info = ctx.ceilings()
     bw = info["mem_bw_gbs"]
     rate = (info.get("bf16_tflops") or 0) if ctx.cuda else None
+    try:
+        from dar_fast.engine_graphs import DecodeStep
+    except ImportError:
+        DecodeStep = None
+    N = ar.num_tokens
+    K = 64 if ctx.cuda else 4
+    start = max(0, N // 2 - K // 2)
     res = {}
     for B in batches:
         rows = 2 * B
-        ar.setup_cache(rows)
         labels = torch.arange(B, device=ctx.device) % ar.num_classes
-        logits = ar.prefill(torch.cat([labels, torch.full_like(labels, ar.null_class)])).float()
+        lab = torch.cat([labels, torch.full_like(labels, ar.null_class)])
         seeds = torch.zeros(B, dtype=torch.int64, device=ctx.device)
         ids = torch.arange(B, device=ctx.device)
-        pos = torch.full((1,), ar.num_tokens // 2, dtype=torch.int64, device=ctx.device)
-        buf = logits.clone()
-
-        def step():   # the engine's step: CFG + keyed sample, then one AR token for [cond; null]
-            t = ops.sample_tokens(buf[:B], buf[B:], cfg_scale=4.0, seeds=seeds, sample_ids=ids,
-                                  positions=pos.expand(B))
-            buf.copy_(ar.decode_one(torch.cat([t, t]), pos + 1))
-
         with torch.no_grad():
+            if DecodeStep is not None:
+                dec = DecodeStep(ar, B, True, 1.0, 0, 1.0, "eager")
+                dec.static = True                             # the device-side-length variant a graph replays
+                dec.load(seeds, ids, torch.full((N,), 4.0, device=ctx.device), None)
+                dec.logits.copy_(ar.prefill(lab))
+                step, what = dec.step_static, "engine_graphs.DecodeStep.step_static"
+
+                def reset():
+                    dec.pos.fill_(start)
+            else:
+                ar.setup_cache(rows)
+                buf = ar.prefill(lab).float()
+                pos = torch.full((1,), start, dtype=torch.int64, device=ctx.device)
+
+                def step():   # CFG + keyed sample, then one AR token for [cond; null] (position fixed)
+                    t = ops.sample_tokens(buf[:B], buf[B:], cfg_scale=4.0, seeds=seeds, sample_ids=ids,
+                                          positions=pos.expand(B))
+                    buf.copy_(ar.decode_one(torch.cat([t, t]), pos + 1))
+                what = "ARModel.decode_one + ops.sample_tokens"
+
+                def reset():
+                    pass
+            reset()
             step()
+            reset()
             acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ctx.cuda else [])
             with profile(activities=acts) as prof:
                 step()
@@ -115,30 +142,57 @@ def _decode_preset(ctx: Ctx, preset: str, batches):
             if ctx.cuda:
                 kernels = sum(1 for e in prof.events() if str(getattr(e, "device_type", "")).endswith("CUDA")
                               and not e.name.lower().startswith(("memcpy", "memset")))
+                eager = _time_steps(ctx, step, reset, K, 3)
                 s = torch.cuda.Stream()
                 s.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(s):
+                    reset()
                     step()
                     step()
                 torch.cuda.current_stream().wait_stream(s)
+                reset()
                 g = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(g):
                     step()
-                t = bench(g.replay, ctx.device, rep_ms=100.0)
-                eager = bench(step, ctx.device, rep_ms=50.0)
+                ms = _time_steps(ctx, g.replay, reset, K, 5)
             else:
                 kernels = sum(1 for e in prof.events() if e.name.startswith("aten::"))
-                t = eager = bench(step, ctx.device, rep_ms=20.0, max_iters=5)
+                ms = eager = _time_steps(ctx, step, reset, K, 2)
         weight_ms = ar_weight_bytes(ar.cfg, 2 if ctx.cuda else 4) / (bw * 1e9) * 1e3
         flop_ms = 2 * ar_matmul_params(ar.cfg) * rows / (rate * 1e12) * 1e3 if rate else 0.0
         floor = max(weight_ms, flop_ms)
-        res[f"batch{B}"] = dict(ms_per_step=t["ms"], eager_ms_per_step=eager["ms"], method=t["method"],
+        res[f"batch{B}"] = dict(ms_per_step=ms, eager_ms_per_step=eager, step=what, positions=[start, start + K],
                                 kernels_per_step=kernels if ctx.cuda else None,
                                 aten_ops_per_step=None if ctx.cuda else kernels,
                                 floor_ms=floor, weight_read_floor_ms=weight_ms, flop_floor_ms=flop_ms,
-                                multiple_of_floor=t["ms"] / floor if floor else None,
+                                multiple_of_floor=ms / floor if floor else None,
                                 replay="cuda graph" if ctx.cuda else "eager (CPU: no graphs)")
         ctx.put(preset, res)
+        del step, reset
+        if DecodeStep is not None:
+            del dec
+
+
+def _time_steps(ctx: Ctx, fn, reset, K: int, reps: int) -> float:
+    """Median over `reps` of (time of K consecutive calls) / K, in ms; `reset` (untimed) rewinds the position."""
+    times = []
+    for _ in range(reps):
+        reset()
+        ctx.sync()
+        if ctx.cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            for _ in range(K):
+                fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / K)
+        else:
+            t0 = time.perf_counter()
+            for _ in range(K):
+                fn()
+            times.append((time.perf_counter() - t0) * 1e3 / K)
+    return sorted(times)[len(times) // 2]
 
 
 # ============================================================================ 7 engine end to end
@@ -178,6 +232,7 @@ def engine_end_to_end(ctx: Ctx):
             torch.cuda.reset_peak_memory_stats()
         sec, prof, first = _time_engine(ctx, pipe, B, reps=2 if ctx.cuda else 1)
         rec = dict(batch=B, seconds_per_call=sec, images_per_s=B / sec, ar_s=prof.get("ar"),
+                   ar_ms_per_token=(prof.get("ar") or 0) * 1e3 / tok.num_tokens,
                    tokenizer_s=prof.get("tokenizer"), engine_mode=_mode(pipe), dtype=_dt(dt),
                    **_peak_mem(ctx))
         if B == 1:
