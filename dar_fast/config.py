@@ -167,14 +167,15 @@ class ARConfig:
 
     def validate(self) -> "ARConfig":
         if self.dim % self.n_head:
-            raise ValueError(f"AR config: dim={self.dim} not divisible by n_head={self.n_head}")
+            raise UsageError(f"AR config: dim={self.dim} not divisible by n_head={self.n_head}")
         if self.n_head % self.kv_heads:
-            raise ValueError(f"AR config: n_head={self.n_head} not divisible by n_kv_head={self.kv_heads}")
+            raise UsageError(f"AR config: n_head={self.n_head} not divisible by n_kv_head={self.kv_heads}")
         if self.class_dropout_prob <= 0:
             raise UsageError(f"AR config: class_dropout_prob={self.class_dropout_prob}: with 0 the released model has no "
                              "null-class row (no classifier-free guidance); dar-fast needs a value > 0 (released 0.1)")
         if self.model_type != "c2i" or self.cls_token_num != 1:
-            raise ValueError("AR config: only class-conditional models (model_type 'c2i', cls_token_num 1) are supported")
+            raise UsageError(f"AR config: model_type={self.model_type!r}, cls_token_num={self.cls_token_num}: only "
+                             "class-conditional models (model_type 'c2i', cls_token_num 1) are supported")
         return self
 
     def to_dict(self) -> dict:

@@ -101,6 +101,10 @@ class TokenizerObjective(nn.Module):
                  dino=None, repa_weight: float = 0.0, commit_beta: float = COMMIT_BETA):
         super().__init__()
         self.model = tok
+        if not tok.cfg.vq_enable:
+            from dar_fast.errors import UsageError
+            raise UsageError("tokenizer config: vq_enable: false (the released continuous bottleneck) cannot be trained "
+                             "here: this trainer learns a VQ codebook (it loads and reconstructs with one)")
         if lpips_weight > 0 and lpips is None:
             raise ValueError("lpips_weight > 0 needs an LPIPS network")
         if repa_weight > 0 and dino is None:

@@ -54,14 +54,20 @@ def init_tokenizer_weights_(tok: Tokenizer) -> Tokenizer:
     for blk in tok.net.blocks:
         nn.init.zeros_(blk.adaLN_modulation[-1].weight)
         nn.init.zeros_(blk.adaLN_modulation[-1].bias)
-    nn.init.zeros_(tok.net.conv_out.weight)
-    nn.init.zeros_(tok.net.conv_out.bias)
+    if tok.net.conv_out is not None:
+        nn.init.zeros_(tok.net.conv_out.weight)
+        nn.init.zeros_(tok.net.conv_out.bias)
+    else:                                    # mlp_head: the released FinalLayer zeroes its Linear and modulation
+        for lin in (tok.net.linear_out.linear, tok.net.linear_out.adaLN_modulation[-1]):
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
     nn.init.trunc_normal_(tok.query_embedding.weight, std=1.0 if tok.cfg.query_low_rank else 0.02)
     nn.init.trunc_normal_(tok.decoder_embedding.weight, std=0.02)
-    n = tok.cfg.vq_codebook_size
-    w = tok.quantize.embedding.weight
-    w.uniform_(-1.0 / n, 1.0 / n)
-    w.copy_(torch.nn.functional.normalize(w, dim=-1))
+    if tok.cfg.vq_enable:
+        n = tok.cfg.vq_codebook_size
+        w = tok.quantize.embedding.weight
+        w.uniform_(-1.0 / n, 1.0 / n)
+        w.copy_(torch.nn.functional.normalize(w, dim=-1))
     return tok
 
 
