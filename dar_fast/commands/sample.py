@@ -199,7 +199,7 @@ def run(args) -> int:
                 # resumed: this batch is complete on disk
                 from PIL import Image
                 for j, f in enumerate(names):
-                    images[b0 + j] = torch.from_numpy(np.asarray(Image.open(f).convert("RGB")))
+                    images[b0 + j] = torch.from_numpy(np.array(Image.open(f).convert("RGB")))
                 if want_previews:
                     arr = torch.from_numpy(np.load(pfile))
                     for g in range(K):
