@@ -368,6 +368,7 @@ def _pass(ld):
     return x, y, i.tolist(), [len(b[2]) for b in batches]
 
 
+@pytest.mark.slow     # two ranks' loaders: ~40 s on 2 busy cores
 @pytest.mark.parametrize("loader", FILE_LOADERS)
 def test_ordered_pass_two_ranks_cover_every_index_once(folder, loader):
     """2 simulated ranks: contiguous blocks, increasing indices, each decodable index exactly once, batches of B
