@@ -219,6 +219,7 @@ def test_errors(tiny_cfg_file, tmp_path, capsys):
     assert "no checkpoint" in err(_base(tiny_cfg_file, tmp_path / "fresh", 2, ["--resume"]))
 
 
+@pytest.mark.slow     # builds full-size VGG16 and DINOv2-B: ~40 s on 2 busy cores
 def test_real_lpips_and_dinov2_files_wire_in(tmp_path):
     """Both frozen networks from weight files (random weights in the real layouts, full-size DINOv2-B/14):
     two steps with --lpips-weight 0.5 --repa-weight 0.5, every term finite and summed with its weight."""
