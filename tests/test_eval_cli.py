@@ -108,6 +108,7 @@ def test_eval_image_reference_gives_every_metric(files, capsys, fd_spy):
     out.unlink()
 
 
+@pytest.mark.slow     # another full Inception pass + 2048x2048 sqrtm: ~35 s on 2 busy cores
 def test_eval_precomputed_reference_statistics_are_used_as_given(files, capsys, fd_spy):
     d, weights = files
     out = d / "b_vs_a.json"
