@@ -295,5 +295,6 @@ def test_bad_input(setup, tmp_path, capsys, case, match):
         argv[argv.index("--data") + 1] = str(tmp_path / "bad")
     assert _run(argv + extra) == 2
     err = capsys.readouterr().err
-    assert match in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    errors = [line for line in err.splitlines() if ": error: " in line]
+    assert len(errors) == 1 and match in errors[0] and "Traceback" not in err, err
     assert not out.exists() and not (tmp_path / "x_gt.npz").exists()
