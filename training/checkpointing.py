@@ -15,7 +15,8 @@
     rng           one entry per rank: python, numpy, torch CPU, CUDA and the trainer's own generator
 
 Every rank reads the file (a shared output directory, as on one node or a cluster file system); rank 0 writes
-it: temp file in the same directory, fsync, rename, so a crash never leaves a half-written checkpoint.
+it: temp file in the same directory, fsync, rename, so a crash never leaves a half-written checkpoint; the
+temp file a kill -9 leaves behind is removed when the next run starts (``remove_stale_temps_in``).
 
 The file holds tensors, numbers, strings and containers only: numpy arrays of the RNG states are stored as
 tensors, so it loads with ``torch.load(weights_only=True)`` and never unpickles code.
@@ -24,10 +25,14 @@ from __future__ import annotations
 
 import os
 import random
+import re
+from contextlib import suppress
 from typing import Optional
 
 import numpy as np
 import torch
+
+from dar_fast.io import atomic_write, remove_stale_temps
 
 FORMAT = "dar-fast-train/1"
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -94,27 +99,27 @@ def _bytes(a) -> torch.Tensor:
 # ====================================================================================== files
 
 def atomic_save(obj, path: str) -> None:
-    """torch.save to a temp file in the same directory, fsync, rename over ``path``."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        try:
-            fd = os.open(d, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        except OSError:
-            pass
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """torch.save through `dar_fast.io.atomic_write`: a dot-named temp file in the same directory, fsync, rename
+    over ``path``, fsync of the directory. A kill leaves at most that temp file; `remove_stale_temps_in` removes
+    it on the next start."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+_OLD_TMP = re.compile(r"^.+\.tmp\d+$")        # checkpoint.pt.tmp<pid>, the temp name of earlier versions
+
+
+def remove_stale_temps_in(out: str) -> int:
+    """Remove temporary files of killed writes from a run directory (call before this run writes anything).
+    Returns how many were removed."""
+    n = remove_stale_temps(out)
+    with suppress(OSError):
+        for e in os.scandir(out):
+            if _OLD_TMP.match(e.name) and e.is_file(follow_symlinks=False):
+                with suppress(FileNotFoundError):
+                    os.unlink(e.path)
+                    n += 1
+    return n
 
 
 def save_checkpoint(state: dict, path: str) -> None:

@@ -1,4 +1,4 @@
-"""`dar-fast train-tokenizer`, `dar-fast train-ar`, `dar-fast extract-codes`.
+"""`dar-fast train-tokenizer`, `dar-fast train-ar`, `dar-fast extract-codes`, `dar-fast export`.
 
 Single process:   dar-fast train-ar --preset ar-tiny --codes codes/ --out runs/ar --steps 1000 --batch-size 64
 Many processes:   torchrun --nproc_per_node=8 -m dar_fast.cli train-ar ...   (same flags; --batch-size is global)
@@ -100,6 +100,10 @@ def register(sub):
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=run_extract_codes)
+
+    # ---------------------------------------------------------------- export (final.safetensors from a checkpoint)
+    from dar_fast.training.export import register as register_export
+    register_export(sub)
 
 
 def _clear(fn, args):

@@ -70,6 +70,7 @@ import json
 import math
 import os
 import re
+import stat
 import tarfile
 import warnings
 import weakref
@@ -203,16 +204,17 @@ class FolderSource(_EncodedSource):
         self.root = root
         self.classes = [e.name for e in class_dirs]
         paths, labels = [], []
+        self.skipped_files: List[str] = []      # image-named entries that are not regular files (FIFOs, sockets,
+        #                                        devices, dangling links): listed here, never opened
+        visited = {os.path.realpath(root)}      # shared: a real directory is entered once in the whole tree
         for label, d in enumerate(class_dirs):
-            try:
-                walk = sorted(os.walk(d.path, followlinks=True, onerror=_raise), key=lambda t: t[0])
-            except PermissionError as e:
-                raise PermissionError(f"cannot read class directory {d.path}: {e.strerror}") from e
-            for dirpath, _, files in walk:
-                for f in sorted(files):
-                    if f.lower().endswith(IMG_EXTENSIONS):
-                        paths.append(os.path.join(dirpath, f))
-                        labels.append(label)
+            for path in _walk_images(d.path, self.skipped_files, visited):
+                paths.append(path)
+                labels.append(label)
+        if self.skipped_files:
+            warnings.warn(f"{root}: skipped {len(self.skipped_files)} image-named entr"
+                          f"{'y' if len(self.skipped_files) == 1 else 'ies'} that are not regular files "
+                          f"(e.g. {self.skipped_files[0]})", stacklevel=2)
         if not paths:
             raise ValueError(f"no images under {root} (looked for {', '.join(IMG_EXTENSIONS)} in "
                              f"{len(class_dirs)} class directories)")
@@ -220,8 +222,63 @@ class FolderSource(_EncodedSource):
         self.labels = np.asarray(labels, dtype=np.int64)
 
     def read_bytes(self, idx: int) -> bytes:
-        with open(self.paths[idx], "rb") as f:
+        return read_regular_file(self.paths[idx])
+
+
+def read_regular_file(path: str) -> bytes:
+    """The bytes of a regular file. Opened non-blocking and checked with fstat before reading, so a FIFO or a
+    device that took an image's name after the listing raises OSError at once instead of blocking the loader
+    forever. (A read stuck on a hung network file system cannot be interrupted from Python; it is not covered.)"""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path} is not a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as f:
             return f.read()
+    finally:
+        os.close(fd)
+
+
+def _walk_images(top: str, skipped: List[str], visited: set) -> List[str]:
+    """Image files under `top` in os.walk's order (directories sorted by path, files by name), following
+    directory symlinks once each: a directory whose real path was already visited (a symlink loop, or two
+    links to one tree) is not entered again. `visited` (real paths) is shared with the caller's other walks."""
+    per_dir = []
+
+    def visit(d: str):
+        real = os.path.realpath(d)
+        if real in visited:
+            return
+        visited.add(real)
+        try:
+            entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except PermissionError as e:
+            raise PermissionError(f"cannot read class directory {d}: {e.strerror}") from e
+        subdirs, files = [], []
+        for e in entries:
+            try:
+                is_dir = e.is_dir(follow_symlinks=True)
+            except OSError:
+                is_dir = False
+            if is_dir:
+                subdirs.append(e.path)
+                continue
+            if not e.name.lower().endswith(IMG_EXTENSIONS):
+                continue
+            try:
+                regular = e.is_file(follow_symlinks=True) and stat.S_ISREG(os.stat(e.path).st_mode)
+            except OSError:             # a dangling or looping link
+                regular = False
+            if regular:
+                files.append(e.path)
+            else:
+                skipped.append(e.path)
+        per_dir.append((d, files))
+        for sd in subdirs:
+            visit(sd)
+
+    visit(top)
+    return [f for _, files in sorted(per_dir, key=lambda t: t[0]) for f in files]
 
 
 def _raise(e):

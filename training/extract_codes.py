@@ -129,6 +129,14 @@ def extract_codes(tokenizer, data, out: str, *, loader: str = "auto", flip: bool
         dt = time.perf_counter() - t0
         stats = D.all_gather_object(dict(skipped=skipped, cmin=cmin, cmax=cmax, n=done, s=dt), env)
         D.barrier(env)
+        if sum(s["skipped"] for s in stats) >= M:           # every rank sees the same stats: all raise alike
+            if env.is_main:
+                for p in (codes_tmp, labels_tmp):
+                    if os.path.exists(p):
+                        os.remove(p)
+            from dar_fast.errors import UsageError
+            raise UsageError(f"none of the {M} images of {data} could be decoded (all corrupt or unreadable); "
+                             f"no codes written to {out}")
         meta = None
         if env.is_main:
             mins = [s["cmin"] for s in stats if s["cmin"] is not None]

@@ -20,12 +20,14 @@ import json
 import math
 import os
 import platform
+import sys
 import time
 from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
 
+from dar_fast.errors import UsageError
 from dar_fast.training import checkpointing as ckpt_io
 from dar_fast.training import distributed as D
 
@@ -247,6 +249,11 @@ class Trainer:
                 with open(probe, "w"):
                     pass
                 os.remove(probe)
+                # temporary files of a killed run (a half-written checkpoint is as large as the full one)
+                removed = ckpt_io.remove_stale_temps_in(self.out)
+                if removed:
+                    print(f"train-{self.kind}: removed {removed} temporary file(s) left by a killed run in "
+                          f"{self.out}", file=sys.stderr, flush=True)
             except OSError as e:
                 ok, msg = False, f"cannot write to --out {self.out}: {e.strerror or e}"
             if ok and resume is None and os.path.exists(path):
@@ -281,8 +288,21 @@ class Trainer:
         start = 0
         if resume_path is not None:
             start = self._resume(resume_path, objective, optimizer, ema, data)
+        final = os.path.join(self.out, FINAL_NAME)
+        if start == self.steps and not os.path.exists(final):
+            # killed (or out of disk) after the last checkpoint but before the export: finish the export now
+            model_sd = self._export_state(objective, ema)
+            if env.is_main:
+                self.export(model_sd, final)
+                if not getattr(args, "quiet", False):
+                    print(f"train-{self.kind}: the run was already at step {start}; wrote the missing {final}",
+                          file=sys.stderr, flush=True)
+            D.barrier(env)
+            return {"step": start, "exported": final}
         if start >= self.steps:
-            raise ValueError(f"the run in {self.out} is already at step {start}; pass a larger --steps to continue it")
+            raise UsageError(f"the run in {self.out} is already at step {start}"
+                             + (f" and {FINAL_NAME} is written" if start == self.steps else "")
+                             + "; pass a larger --steps to continue it")
         if env.is_main:
             with open(os.path.join(self.out, RUN_NAME), "w") as f:
                 json.dump(_json_safe(dict(kind=self.kind, args=vars(args), world_size=env.world_size,
@@ -346,6 +366,13 @@ class Trainer:
                 if clip > 0:
                     rec["grad_norm"] = float(gnorm_sum) / n_win
                 rec[self.throughput_key] = self.units_per_step() / dt
+                if hasattr(data, "skipped"):         # undecodable images so far, all ranks (resumed runs included)
+                    sk = torch.tensor([float(data.skipped)], device=self.device)
+                    D.all_reduce_sum(sk, env)
+                    rec["skipped_images"] = int(sk.item())
+                    if rec["skipped_images"] > last_rec.get("skipped_images", 0):
+                        log.info(f"train-{self.kind}: {rec['skipped_images']} undecodable image(s) skipped so far "
+                                 f"(step {step})")
                 rec["step_time_s"] = dt
                 rec["samples"] = step * self.global_batch
                 if flops is not None and peak is not None:
@@ -360,7 +387,6 @@ class Trainer:
                 saved_at = step
                 t0 = time.perf_counter()
         assert saved_at == self.steps
-        final = os.path.join(self.out, FINAL_NAME)
         model_sd = self._export_state(objective, ema)
         if env.is_main:
             self.export(model_sd, final)
