@@ -1,6 +1,5 @@
 """`dar-fast sample` with given checkpoints: PNGs, grid, preview strips; bad input writes nothing."""
 import numpy as np
-import pytest
 from PIL import Image
 
 import dar_fast
