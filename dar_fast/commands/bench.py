@@ -16,7 +16,7 @@ def available():
 
 
 def register(sub):
-    p = sub.add_parser("bench", help="run a benchmark (sampling, fid, training, vq_nearest, rope, flow_step, sample_tokens)")
+    p = sub.add_parser("bench", help="run a benchmark script by name (sampling, fid, training, a kernel, ...)")
     p.add_argument("name", help="benchmark name: " + ", ".join(available() or ["(none found)"]))
     p.add_argument("args", nargs="...", help="passed to the script (e.g. --smoke --device cpu --out x.json)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads of the benchmark process (OMP_NUM_THREADS)")

@@ -60,7 +60,10 @@ def register(sub):
     p.add_argument("--device", type=common.device, default=None,
                    help="cpu, cuda or cuda:N (default: cpu for the digits model, else cuda if available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="weights' dtype (default: bfloat16 on GPU, float32 on CPU)")
+                   help="weights' dtype for both models (default: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--precision", choices=["released", "fast"], default=None,
+                   help="released: AR bfloat16, tokenizer float32 with TF32 matmuls (the released FID script); "
+                        "fast: bfloat16 throughout; CPU: float32 either way (default: --dtype's rule)")
     p.add_argument("--threads", type=common.positive_int, default=None,
                    help="CPU threads for torch (default: 1 for small models such as digits, where more threads "
                         "only wait on each other; else torch's default)")
@@ -76,25 +79,30 @@ def load_pipeline(args, default_device="cpu"):
     if (args.tokenizer is None) != (args.ar is None):
         raise UsageError("give both --tokenizer and --ar, or neither for the embedded digits model")
     dtype = getattr(torch, args.dtype) if args.dtype else None
+    precision = getattr(args, "precision", None)
     if args.tokenizer is None:
-        return Pipeline.from_pretrained("digits", device=args.device or default_device, dtype=dtype)
-    from dar_fast.api import load_ar, load_tokenizer
+        return Pipeline.from_pretrained("digits", device=args.device or default_device, dtype=dtype,
+                                        precision=precision)
+    from dar_fast.api import enable_tf32, load_ar, load_tokenizer, precision_record, resolve_precision
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    tok_dtype, ar_dtype, tf32 = resolve_precision(precision, device, dtype)
     models = []
-    for opt, path, cfg_opt, cfg, load in (("--tokenizer", args.tokenizer, "--tokenizer-config", args.tokenizer_config,
-                                           load_tokenizer),
-                                          ("--ar", args.ar, "--ar-config", args.ar_config, load_ar)):
+    for opt, path, cfg_opt, cfg, load, dtype in (
+            ("--tokenizer", args.tokenizer, "--tokenizer-config", args.tokenizer_config, load_tokenizer, tok_dtype),
+            ("--ar", args.ar, "--ar-config", args.ar_config, load_ar, ar_dtype)):
         try:
             models.append(load(path, config=cfg, device=device, dtype=dtype))
         except (ValueError, OSError) as e:
             msg = str(e)
             raise UsageError(msg if path in msg else f"{opt} {path}: {msg}") from e
     try:
-        return Pipeline(tokenizer=models[0], ar=models[1])
+        pipe = Pipeline(tokenizer=models[0], ar=models[1])
     except ValueError as e:
         raise UsageError(f"--tokenizer and --ar do not fit together: {e}") from e
+    if tf32:
+        enable_tf32()
+    pipe.precision = precision_record(precision, tok_dtype, ar_dtype, tf32)
+    return pipe
 
 
 def resolve_settings(pipe, args):
@@ -125,7 +133,10 @@ def _manifest(args, pipe, all_labels, values):
     return {"labels": all_labels, "seed": args.seed,
             "sampling": {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()},
             "tokenizer": model_identity(args.tokenizer), "ar": model_identity(args.ar),
-            "dtype": str(pipe.ar.dtype).replace("torch.", ""), "image_size": list(pipe.tok.image_size)}
+            "dtype": str(pipe.ar.dtype).replace("torch.", ""), "image_size": list(pipe.tok.image_size),
+            "precision": getattr(pipe, "precision", None),
+            "weights": {"tokenizer": getattr(pipe.tok, "loaded_weights", None),
+                        "ar": getattr(pipe.ar, "loaded_weights", None)}}
 
 
 def _check_resume(out: str, manifest: dict) -> bool:
@@ -165,6 +176,10 @@ def run(args) -> int:
     common.apply_threads(args.threads, nparams, verbose=args.verbose)
     if args.verbose:
         print(f"device {pipe.device}, dtype {str(pipe.ar.dtype).replace('torch.', '')}, {nparams:,} parameters")
+    pr = pipe.precision
+    print(f"models: tokenizer {pr['tokenizer_dtype']} ({getattr(pipe.tok, 'loaded_weights', 'model')} weights), "
+          f"AR {pr['ar_dtype']} ({getattr(pipe.ar, 'loaded_weights', 'model')} weights)"
+          + (", TF32 matmuls" if pr["tf32"] else "") + (f", precision {pr['mode']}" if pr["mode"] else ""))
     all_labels, per = _plan(args, pipe)
     values, sources = resolve_settings(pipe, args)
     print("sampling: " + defaults.describe(values, sources))
@@ -212,8 +227,8 @@ def run(args) -> int:
             for step in steps:
                 if step.preview is not None:        # chunks of a batch (Pipeline max_batch) come in order
                     got[step.step].append(step.preview)
-                bar.set_postfix(step=f"{step.step + 1}/{K}",
-                                tok_s=f"{(tokens_done + len(lab) * step.tokens.shape[1]) / max(time.time() - t0, 1e-9):.0f}")
+                rate = (tokens_done + len(lab) * step.tokens.shape[1]) / max(time.time() - t0, 1e-9)
+                bar.set_postfix(step=f"{step.step + 1}/{K}", tok_s=f"{rate:.0f}")
             tokens_done += len(lab) * pipe.tok.num_tokens
             for g in range(K):
                 group_previews[g][bi] = torch.cat(got[g]) if got[g] else None
