@@ -167,6 +167,11 @@ def test_kill_and_rerun_gives_the_same_file(setup, reference_run, tmp_path):
     assert _run(_args(setup, out, bs=1)) == 0
     _same(reference_run, out)
     assert not shard_dir.exists()
+    clean = tmp_path / "clean.npz"                   # an uninterrupted run with the same settings: byte-identical
+    assert _run(_args(setup, clean, bs=1)) == 0
+    for suffix in (".npz", "_gt.npz"):
+        a, b = np.load(str(out)[:-4] + suffix), np.load(str(clean)[:-4] + suffix)
+        assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
 
 
 def test_webdataset_tars_give_the_same_files(setup, reference_run, tmp_path):
