@@ -56,7 +56,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from dar_fast.kernels._interp import interpreted_stdlib, interpreting
+from dar_fast.kernels._interp import interpreted_stdlib, interpreting, on_device
 from dar_fast.kernels.backend import use_triton
 
 try:  # optional: the module must import (and the reference run) without triton
@@ -214,7 +214,7 @@ def decode_attention_triton(q, k_cache, v_cache, cache_len, scale=None, num_spli
         l = torch.empty_like(m)
         acc = torch.empty(B * Hq * splits, block_d, dtype=torch.float32, device=q.device)
     split_k, combine = _kernels(interpreting())
-    with interpreted_stdlib():
+    with interpreted_stdlib(), on_device(q):
         split_k[(B * Hk, splits)](
             q, k_cache, v_cache, lens, out, m, l, acc, Hk, S_max, chunk, splits, scale * _LOG2E,
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
