@@ -8,6 +8,7 @@ import torch
 from dar_fast.checkpoint import (AR_ORDER, TOKENIZER_ORDER, CheckpointMismatch, load_strict, read_checkpoint_set,
                                  save_safetensors)
 from dar_fast.defaults import model_defaults
+from dar_fast.errors import UsageError
 from dar_fast.config import ARConfig, TokenizerConfig, ar_config, tokenizer_config
 from dar_fast.models import ARModel, Tokenizer
 
@@ -77,6 +78,40 @@ def load_ar(ckpt, config=None, device="cpu", dtype=torch.float32, weights=None) 
     model.loaded_weights = which
     model.sampling = model_defaults(ckpt, config, ck_cfg)     # e.g. the paper's cfg schedule of a D-AR preset
     return model.to(device=device, dtype=dtype).eval()
+
+
+PRECISIONS = ("released", "fast")
+
+
+def resolve_precision(precision, device, dtype=None):
+    """-> (tokenizer dtype, AR dtype, tf32) for a precision mode.
+
+    "released": what the released FID script runs: the AR in bfloat16, the tokenizer in float32 with
+        TF32 matmuls (on CUDA). "fast": bfloat16 throughout. None: `dtype` for both (default bfloat16
+        on CUDA, float32 on CPU). On CPU both modes run float32 (no TF32 there) unless dtype is given;
+        a given dtype is used for both models. The diffusion ODE is float32 in every mode."""
+    device = torch.device(device)
+    if precision is not None and precision not in PRECISIONS:
+        raise UsageError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    if dtype is not None:
+        return dtype, dtype, precision == "released" and device.type == "cuda"
+    if device.type != "cuda":
+        return torch.float32, torch.float32, False
+    if precision == "released":
+        return torch.float32, torch.bfloat16, True
+    return torch.bfloat16, torch.bfloat16, False
+
+
+def precision_record(precision, tok_dtype, ar_dtype, tf32) -> dict:
+    """What a run used, for manifests and `Pipeline.precision`."""
+    return dict(mode=precision, tokenizer_dtype=str(tok_dtype).replace("torch.", ""),
+                ar_dtype=str(ar_dtype).replace("torch.", ""), tf32=bool(tf32))
+
+
+def enable_tf32():
+    """TF32 matmuls and convolutions, process-wide, as the released sampling scripts set them."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
 
 
 def save_tokenizer(tok: Tokenizer, path: str):

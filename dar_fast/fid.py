@@ -52,6 +52,13 @@ def register(sub):
                    help="uniformly random classes from each sample's key (the released script's choice) instead of i mod C")
     p.add_argument("--out", required=True, help="output .npz")
     p.add_argument("--device", type=common.device, default=None, help="default: this rank's GPU, else cpu")
+    p.add_argument("--steps", type=common.positive_int, default=None,
+                   help="diffusion steps of the decode (default: the model's, else the tokenizer's own)")
+    p.add_argument("--solver", choices=["adams2", "euler"], default=None,
+                   help="flow solver (default: the model's, else adams2 as released)")
+    p.add_argument("--precision", choices=["released", "fast"], default="released",
+                   help="released (default): AR bfloat16, tokenizer float32 with TF32 matmuls, as the released FID "
+                        "script, so the FID compares with the paper's; fast: bfloat16 throughout (CPU: float32)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="weights' dtype (default: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--threads", type=common.positive_int, default=None,
@@ -115,7 +122,7 @@ def _shard_arrays(pipe, so: ShardedOutput, k: int, args, cfg, C: int) -> dict:
     idx = list(range(start, stop))
     labels = [class_of(i, args.seed, C, args.random_classes) for i in idx]
     out = pipe.sample(labels, cfg=cfg, seed=[args.seed] * len(idx), sample_ids=idx, temperature=args.temperature,
-                      top_k=args.top_k, top_p=args.top_p)
+                      top_k=args.top_k, top_p=args.top_p, steps=args.steps, solver=args.solver)
     return dict(images=out.images.numpy(), labels=np.asarray(labels, dtype=np.int64))
 
 
@@ -154,16 +161,23 @@ def run(args) -> int:
                   verbose=args.verbose and rank == 0)
     # settings not given: the model's recommended ones (e.g. the paper's schedule of a D-AR preset)
     values, sources = defaults.resolve(pipe.defaults, cfg=cfg, temperature=args.temperature, top_k=args.top_k,
-                                       top_p=args.top_p)
+                                       top_p=args.top_p, steps=getattr(args, "steps", None),
+                                       solver=getattr(args, "solver", None))
+    values.update({k: v for k, v in pipe.settings(steps=values.get("steps"), solver=values.get("solver")).items()
+                   if k in ("steps", "solver")})
     cfg, args.temperature, args.top_k, args.top_p = (values[k] for k in ("cfg", "temperature", "top_k", "top_p"))
+    args.steps, args.solver = values["steps"], values["solver"]
     if rank == 0:
         print("dar-fast fid: sampling: " + defaults.describe(values, sources), file=sys.stderr)
     C, N, B = pipe.num_classes, args.num_samples, args.batch_size
-    H, W = pipe.tok.image_size
+    H, W = pipe.tok.output_size()           # the decode size, then output_resolution
     settings = dict(num_samples=N, batch_size=B, cfg=cfg if isinstance(cfg, float) else list(cfg),
                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                     random_classes=args.random_classes, tokenizer_sha256=model_identity(args.tokenizer),
                     ar_sha256=model_identity(args.ar), dtype=str(pipe.ar.dtype), image_size=[H, W],
+                    steps=args.steps, solver=args.solver, precision=pipe.precision,
+                    weights={"tokenizer": getattr(pipe.tok, "loaded_weights", None),
+                             "ar": getattr(pipe.ar, "loaded_weights", None)},
                     device_type=torch.device(device).type)
     so = ShardedOutput(args.out, settings, num_items=N, shard_size=B,
                        fields={"images": ((H, W, 3), np.uint8), "labels": ((), np.int64)},

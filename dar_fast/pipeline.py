@@ -46,24 +46,37 @@ class Pipeline:
             raise ValueError(f"tokenizer on {self.tok.device} but AR model on {self.ar.device}: put them on one device")
         # eager | compiled | captured (engine.default_mode: CUDA captures, CPU compiles only when asked)
         self.engine_mode = engine.default_mode(self.ar.device, compile, use_cuda_graphs)
+        # the precision in use (from_pretrained replaces it with the mode asked for)
+        self.precision = dict(mode=None, tokenizer_dtype=str(self.tok.dtype).replace("torch.", ""),
+                              ar_dtype=str(self.ar.dtype).replace("torch.", ""),
+                              tf32=bool(self.tok.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32))
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_pretrained(cls, tokenizer_ckpt, ar_ckpt=None, device=None, dtype=None, tokenizer_config=None,
-                        ar_config=None, **kw) -> "Pipeline":
-        """`tokenizer_ckpt="digits"` (and no ar_ckpt) loads the embedded default model."""
-        from dar_fast.api import load_ar, load_tokenizer
+                        ar_config=None, precision=None, tokenizer_weights=None, ar_weights=None, **kw) -> "Pipeline":
+        """`tokenizer_ckpt="digits"` (and no ar_ckpt) loads the embedded default model.
+
+        precision: "released" (AR bfloat16, tokenizer float32 with TF32 matmuls, as the released FID script;
+        TF32 is switched on process-wide, as there) or "fast" (bfloat16 throughout); on CPU both are float32.
+        None: `dtype` for both (default bfloat16 on GPU, float32 on CPU). *_weights: "ema" / "model" set of a
+        released checkpoint (default: as the released loaders). `pipe.precision` records what was used."""
+        from dar_fast.api import enable_tf32, load_ar, load_tokenizer, precision_record, resolve_precision
         device = torch.device(device or _default_device())
-        if dtype is None:
-            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        tok_dtype, ar_dtype, tf32 = resolve_precision(precision, device, dtype)
         if isinstance(tokenizer_ckpt, str) and tokenizer_ckpt == "digits" and ar_ckpt is None:
             from dar_fast.assets import digits_paths
             tokenizer_ckpt, ar_ckpt = digits_paths()
         if ar_ckpt is None:
             raise ValueError("ar_ckpt is required (or pass 'digits' alone for the embedded model)")
-        tok = load_tokenizer(tokenizer_ckpt, config=tokenizer_config, device=device, dtype=dtype)
-        ar = load_ar(ar_ckpt, config=ar_config, device=device, dtype=dtype)
-        return cls(tokenizer=tok, ar=ar, **kw)
+        tok = load_tokenizer(tokenizer_ckpt, config=tokenizer_config, device=device, dtype=tok_dtype,
+                             weights=tokenizer_weights)
+        ar = load_ar(ar_ckpt, config=ar_config, device=device, dtype=ar_dtype, weights=ar_weights)
+        if tf32:
+            enable_tf32()
+        pipe = cls(tokenizer=tok, ar=ar, **kw)
+        pipe.precision = precision_record(precision, tok_dtype, ar_dtype, tf32)
+        return pipe
 
     @property
     def device(self):
@@ -88,11 +101,15 @@ class Pipeline:
         return self.encode(images)[:, :num_tokens]
 
     @torch.no_grad()
-    def decode(self, tokens: torch.Tensor, seed=0, sample_ids=None) -> torch.Tensor:
-        """(B,N) tokens -> (B,H,W,3) uint8 with the keyed initial noise of (seed, ids)."""
+    def decode(self, tokens: torch.Tensor, seed=0, sample_ids=None, steps: Optional[int] = None,
+               solver: Optional[str] = None, clip_steps: Optional[int] = None) -> torch.Tensor:
+        """(B,N) tokens -> (B,H,W,3) uint8 with the keyed initial noise of (seed, ids); steps / solver / clip_steps
+        as `Tokenizer.decode` (defaults as `sample`: the model's, else the tokenizer's steps and adams2)."""
+        s = self.settings(steps=steps, solver=solver)
         seeds, ids = resolve_keys(seed, tokens.shape[0], sample_ids)
-        noise = sample_noise(seeds, ids, (3, *self.tok.image_size)).to(self.tok.device, self.tok.dtype)
-        img = self.tok.decode(tokens.to(self.tok.device), noise=noise)
+        noise = sample_noise(seeds, ids, (3, *self.tok.decode_size())).to(self.tok.device, torch.float32)
+        img = self.tok.decode(tokens.to(self.tok.device), noise=noise, steps=s["steps"], solver=s["solver"],
+                              clip_steps=clip_steps)
         return ops.images_to_uint8(img.float()).cpu()
 
     # ------------------------------------------------------------------ sampling

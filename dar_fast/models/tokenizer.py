@@ -263,6 +263,12 @@ class Tokenizer(nn.Module):
         H, W = self.decode_size(size)
         return torch.randn(batch, 3, H, W, generator=generator).to(self.device, torch.float32)
 
+    def output_size(self, size=None):
+        """(H, W) of the images a decode at `size` returns, after `output_resolution`."""
+        H, W = self.decode_size(size)
+        R = self.cfg.output_resolution
+        return (R, R) if R and (H > R or W > R) else (H, W)
+
     def resize_output(self, images: torch.Tensor) -> torch.Tensor:
         """The released `output_resolution` R: if either side exceeds R, a bicubic resize
         (align_corners False, no antialias) to R x R; otherwise the images unchanged."""
