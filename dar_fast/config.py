@@ -42,6 +42,17 @@ class DiffDecoderConfig:
     repa_grid: int = 16          # tokens pooled to 16x16 before the head
 
 
+def _positive(what: str, cfg, names, minimum: int = 1) -> None:
+    """Sizes must be integers >= minimum (a 0 patch size or group count would load, then divide by zero)."""
+    for n in names:
+        v = getattr(cfg, n, None)
+        if v is None:
+            continue            # optional: derived later
+        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+            kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+            raise UsageError(f"{what}: {n} must be {kind}, got {v!r}")
+
+
 @dataclass
 class TokenizerConfig:
     """Sequential diffusion tokenizer (released `tokenizer_v1` layout)."""
@@ -82,6 +93,11 @@ class TokenizerConfig:
         return self.queries_per_step
 
     def validate(self) -> "TokenizerConfig":
+        _positive("tokenizer config", self, ("num_encoder_layers", "num_decoder_layers"), minimum=0)
+        _positive("tokenizer config", self, ("encoder_patch_size", "encoder_dim", "decoder_dim", "vq_dim", "vq_codebook_size",
+                                             "num_denoising_steps", "num_query_groups", "num_all_queries",
+                                             "queries_per_step", "head_dim", "query_table_size"))
+        _positive("tokenizer config: diff_decoder", self.diff_decoder, ("dim", "cond_dim", "patch_size", "depth"))
         if self.queries_per_step is None:
             self.queries_per_step = self.num_all_queries // max(self.num_query_groups, 1)
         if self.num_all_queries != self.num_query_groups * self.queries_per_step:
@@ -166,6 +182,8 @@ class ARConfig:
         return m * ((h + m - 1) // m)
 
     def validate(self) -> "ARConfig":
+        _positive("AR config", self, ("dim", "n_layer", "n_head", "n_kv_head", "multiple_of", "vocab_size",
+                                      "block_size", "num_classes"))
         if self.dim % self.n_head:
             raise UsageError(f"AR config: dim={self.dim} not divisible by n_head={self.n_head}")
         if self.n_head % self.kv_heads:

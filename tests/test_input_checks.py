@@ -148,3 +148,23 @@ def test_seed_range_and_types(models):
     assert pipe.sample([1], cfg=2.0, seed=SEED_MAX).tokens.shape == (1, tok.num_tokens)
     with pytest.raises(UsageError, match="must fit in int64"):
         pipe.sample([1], seed=2 ** 63)
+
+
+# ------------------------------------------------------------------------------------------ config sizes
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(num_query_groups=0), "num_query_groups must be a positive integer, got 0"),
+    (dict(encoder_patch_size=0), "encoder_patch_size must be a positive integer"),
+    (dict(vq_codebook_size=-4), "vq_codebook_size must be a positive integer"),
+    (dict(num_decoder_layers=-1), "num_decoder_layers must be an integer >= 0"),
+    (dict(diff_decoder=dict(patch_size=0)), "diff_decoder: patch_size must be a positive integer"),
+])
+def test_tokenizer_config_sizes_positive(kw, msg):
+    with pytest.raises(UsageError, match=msg):
+        tiny_tokenizer(**kw)
+
+
+@pytest.mark.parametrize("kw", [dict(n_layer=0), dict(vocab_size=0), dict(block_size=-1), dict(num_classes=0)])
+def test_ar_config_sizes_positive(kw):
+    with pytest.raises(UsageError, match=f"AR config: {next(iter(kw))} must be a positive integer"):
+        tiny_ar(**kw)
