@@ -75,10 +75,10 @@ def _pixels(data_url: str) -> np.ndarray:
 def test_page_generates_a_digit_with_previews(app_url, browser, tmp_path):
     url, pipe = app_url
     browser.get(url + "/")
-    Select(browser.find_element(By.ID, "cls")).select_by_visible_text("7")
+    Select(browser.find_element(By.ID, "cls")).select_by_visible_text("0")
     seed = browser.find_element(By.ID, "seed")
     seed.clear()
-    seed.send_keys("3")
+    seed.send_keys("1")
     assert browser.find_element(By.ID, "cfg").get_attribute("value") == "2"        # the model's default cfg
     browser.find_element(By.ID, "go").click()
     WebDriverWait(browser, 120).until(
@@ -92,7 +92,7 @@ def test_page_generates_a_digit_with_previews(app_url, browser, tmp_path):
     final = browser.find_element(By.ID, "final")
     assert browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", final) == 32
     # the page shows the server's image: the same pixels as Pipeline.sample with that class and seed
-    ref = Pipeline.from_pretrained("digits", device="cpu").sample([7], cfg=2.0, seed=3)
+    ref = Pipeline.from_pretrained("digits", device="cpu").sample([0], cfg=2.0, seed=1)
     assert np.array_equal(_pixels(final.get_attribute("src")), ref.images[0].numpy())
     assert np.array_equal(_pixels(previews[-1].get_attribute("src")), ref.images[0].numpy())
     assert not np.array_equal(_pixels(previews[0].get_attribute("src")), ref.images[0].numpy())
