@@ -103,8 +103,9 @@ def _torch_load(path: str):
         if found:
             # torch's own message advises weights_only=False, i.e. running the file's code: never pass that on
             raise UsageError(f"{path}: refusing to unpickle it: it holds objects other than tensors, containers, "
-                             f"argparse.Namespace and config_util.Config (a {found.group(1)}). dar-fast does not execute pickled "
-                             "code; convert the weights to a plain state dict where the file was made") from None
+                             f"argparse.Namespace and config_util.Config (a {found.group(1)}). dar-fast does not "
+                             "execute pickled code; convert the weights to a plain state dict where the file was "
+                             "made") from None
         raise _unreadable(path, "PyTorch", e) from None
 
 
@@ -199,7 +200,8 @@ def unwrap_set(obj, weights: Optional[str] = None, order=TOKENIZER_ORDER):
         return inner, config, key
     if _is_state_dict(obj):
         if weights not in (None, "model"):
-            raise UsageError(f"the checkpoint is a bare state dict (one weight set, the model); it has no {weights!r} weights")
+            raise UsageError("the checkpoint is a bare state dict (one weight set, the model); "
+                             f"it has no {weights!r} weights")
         return {k: v for k, v in obj.items() if torch.is_tensor(v)}, config, "model"
     raise UsageError(f"no state dict found in checkpoint (top-level keys: {sorted(obj)[:12]})")
 
@@ -216,7 +218,8 @@ def clean_keys(sd: dict) -> dict:
     return out
 
 
-def read_checkpoint(ckpt, weights: Optional[str] = None, order=TOKENIZER_ORDER) -> Tuple[dict, Optional[object], Optional[str]]:
+def read_checkpoint(ckpt, weights: Optional[str] = None,
+                    order=TOKENIZER_ORDER) -> Tuple[dict, Optional[object], Optional[str]]:
     """Path (.pt/.pth/.bin/.safetensors) or state dict -> (clean state dict, config or None, kind or None)."""
     sd, config, kind, _ = read_checkpoint_set(ckpt, weights, order)
     return sd, config, kind

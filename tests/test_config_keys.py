@@ -54,7 +54,8 @@ BASE_TOK = dict(encoder_patch_size=8, num_encoder_layers=1, num_decoder_layers=1
 TOK_ALT = {
     "encoder_patch_size": 4, "encoder_dim": 128, "decoder_dim": 128, "num_encoder_layers": 2, "num_decoder_layers": 2,
     "vq_dim": 16, "vq_enable": False, "vq_codebook_size": 48, "num_denoising_steps": 7,
-    "num_all_queries": dict(num_all_queries=8, queries_per_step=2), "num_query_groups": dict(num_query_groups=2, queries_per_step=8),
+    "num_all_queries": dict(num_all_queries=8, queries_per_step=2),
+    "num_query_groups": dict(num_query_groups=2, queries_per_step=8),
     "queries_per_step": 5, "sampling_resolution": 40, "output_resolution": 16, "query_low_rank": False,
     "rope_base_len": 100.0, "diff_decoder": dict(diff_decoder=dict(depth=3)),
 }

@@ -201,6 +201,7 @@ class Tokenizer(nn.Module):
 
     # ------------------------------------------------------------------ decoder side
     def code_vectors(self, codes: torch.Tensor) -> torch.Tensor:
+        self.check_vq("decoding codes")
         return self.quantize.lookup(codes).to(self.dtype)
 
     def cond_from_vectors(self, zq: torch.Tensor) -> torch.Tensor:
