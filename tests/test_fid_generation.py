@@ -212,3 +212,28 @@ def test_bad_sampling_values_refused_before_anything_is_written(ckpts, tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "Traceback" not in err[0]
     assert os.listdir(tmp_path) == ["hash_cache"] or os.listdir(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_kill9_of_cli_processes_then_rerun_is_byte_identical(ckpts, tmp_path):
+    """Like the forked test, with whole `python -m dar_fast.cli fid` processes (start-up included) killed by
+    SIGKILL at random moments, then one run to the end (about a minute on 2 busy cores)."""
+    import random
+    full, killed = tmp_path / "full.npz", tmp_path / "killed.npz"
+    assert _run(_args(ckpts, full, n=40, bs=2)) == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1", DAR_FAST_CACHE=str(tmp_path / "hash_cache"))
+    cmd = [sys.executable, "-m", "dar_fast.cli", *_args(ckpts, killed, n=40, bs=2)]
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    outcomes = []
+    for _ in range(4):
+        p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            outcomes.append(p.wait(timeout=rng.uniform(1.0, 12.0)))
+        except subprocess.TimeoutExpired:
+            p.kill()                                          # SIGKILL
+            outcomes.append(p.wait())
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (seed, outcomes, r.stderr[-2000:])
+    assert open(full, "rb").read() == open(killed, "rb").read(), (seed, outcomes)
+    assert -9 in outcomes, f"no process was killed (seed {seed}, exit codes {outcomes})"
