@@ -95,8 +95,9 @@ def test_smoke_every_section_runs_or_is_skipped_with_a_reason(tmp_path):
     c = f["pytest_gpu"]["counts"]
     assert c["collected"] > 0 and c["passed"] == 0 and c["skipped"] == c["collected"]   # no GPU test runs on a CPU
     assert f["kernels"]["sample_tokens"]["plain"]["tokens_differing"] == 0
-    assert all(v["eager_vs_reference_tokens_differing"] == 0
-               for k, v in f["engine_correctness"]["float32"].items() if k in ("cfg_constant", "prefix"))
+    eager = f["engine_correctness"]["float32:eager_vs_reference"]
+    assert set(eager) == {"cfg_constant", "cfg_schedule", "top_k_top_p", "prefix"}
+    assert all(v["tokens_differing"] == 0 for v in eager.values())
     assert f["decode_step"]["tiny"]["batch1"]["ms_per_step"] > 0
     assert f["batch_invariance"]["bfloat16"]["tokens_total"] == 64
     assert f["decode_and_fid_writer"]["fid_shard_writer"]["images"] == 64
