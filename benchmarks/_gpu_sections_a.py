@@ -29,7 +29,10 @@ def environment(ctx: Ctx):
         pr = torch.cuda.get_device_properties(0)
         f.update(gpu=torch.cuda.get_device_name(0), gpu_memory_gib=round(pr.total_memory / 2**30, 1),
                  compute_capability=f"{pr.major}.{pr.minor}", sm_count=pr.multi_processor_count,
-                 arch_list=torch.cuda.get_arch_list())
+                 l2_cache_mb=round(getattr(pr, "L2_cache_size", 0) / 2**20, 1), arch_list=torch.cuda.get_arch_list(),
+                 sdpa_enabled={k: getattr(torch.backends.cuda, f"{k}_sdp_enabled", lambda: None)()
+                               for k in ("flash", "mem_efficient", "math", "cudnn")},
+                 tf32_matmul=torch.backends.cuda.matmul.allow_tf32)
     try:
         r = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem",
                             "--format=csv,noheader"], capture_output=True, text=True, timeout=15)
