@@ -1,12 +1,18 @@
-"""Sampling throughput and latency of the streaming engine against the eager reference and the hardware floors.
+"""Sampling: the engine (eager / compiled / captured) against the reference sampler and the released structure.
 
-Per preset (D-AR-L / XL / XXL with the tokenizer_v1 decoder; random weights time the same as trained ones):
-images/s at batch 1, 16, 64, 256 with CFG, the AR / tokenizer split, batch-1 latency and time to the first
-preview, the eager reference sampler at batch 1 and 64 (speed-up ratio), and the floors of DESIGN.md's
-performance model (weight-read floor for batch-1 AR, FLOP floor for large batches) with the fraction reached.
+Per model and batch, runs alternate within one process (reference, released, engine modes, repeated), and each
+repetition's ratio reference_ms / engine_ms is recorded, with the tokens checked identical to the reference.
+The JSON records what actually ran (C++ sampler extension, engine mode per step object and any fallback,
+attention backend), dtype, threads and load average, ms per decode step, and kernels per decode step and per
+tokenizer step counted with torch.profiler (leaf ATen ops that are not views; inside compiled regions the
+inductor kernels, recorded with `cpp.enable_kernel_profile`). The "released" row is the released code's
+structure in plain PyTorch: every token through the KV-cache loop with softmax + torch.multinomial, then the
+whole decode (its tokens differ from the keyed sampler's by design; it is timed, not compared).
 
-    python benchmarks/bench_sampling.py                       # GPU, full sizes
-    python benchmarks/bench_sampling.py --smoke --device cpu  # tiny CI run
+    python benchmarks/bench_sampling.py --device cpu                      # digits model, batches 1 and 8
+    python benchmarks/bench_sampling.py --device cpu --count-presets D-AR-L D-AR-XL   # + kernel counts
+    python benchmarks/bench_sampling.py                                   # GPU: D-AR-L/XL/XXL, random weights
+    python benchmarks/bench_sampling.py --smoke --device cpu              # tiny CI run
 """
 from __future__ import annotations
 
@@ -19,11 +25,15 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import common_args, default_out, device_info, print_row, resolve_device, write_results  # noqa: E402
 
+from dar_fast import engine  # noqa: E402
 from dar_fast.config import ARConfig, DiffDecoderConfig, TokenizerConfig, ar_config, tokenizer_config  # noqa: E402
+from dar_fast.kernels.sample_tokens import extension_status  # noqa: E402
 from dar_fast.models import ARModel, Tokenizer  # noqa: E402
-from dar_fast.perf import ar_weight_bytes, floors, image_flops  # noqa: E402
 from dar_fast.pipeline import Pipeline  # noqa: E402
 from dar_fast.sampler import reference_sample  # noqa: E402
+from dar_fast.seeding import resolve_keys, sample_noise  # noqa: E402
+
+from kernel_counts import count_decode_kernels, count_tokenizer_kernels  # noqa: E402
 
 
 def build(tok_cfg: TokenizerConfig, ar_cfg: ARConfig, device, dtype):
@@ -36,11 +46,6 @@ def build(tok_cfg: TokenizerConfig, ar_cfg: ARConfig, device, dtype):
     return tok, ar
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def smoke_configs():
     """A tokenizer and AR model small enough to time on a CPU in seconds."""
     tok_cfg = TokenizerConfig(encoder_patch_size=8, num_encoder_layers=1, num_decoder_layers=1, encoder_dim=64,
@@ -50,94 +55,192 @@ def smoke_configs():
     return tok_cfg, {"smoke": ARConfig(dim=64, n_layer=2, n_head=2, vocab_size=64, block_size=16, num_classes=10)}
 
 
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
 def time_engine(pipe: Pipeline, batch: int, cfg, reps: int):
+    """(best seconds, {'ar','tokenizer'} split, seconds to the first preview at batch 1) of pipe.stream (bench_fid)."""
     labels = torch.arange(batch) % pipe.num_classes
-    pipe.sample(labels, cfg=cfg)                                     # warm up (graph capture, autotune)
-    prof = {}
-    best = float("inf")
-    first_preview = None
+    pipe.sample(labels, cfg=cfg)                                     # warm up (compile, capture)
+    best, first_preview = float("inf"), None
     for _ in range(reps):
         sync(pipe.device)
         t0 = time.perf_counter()
         for step in pipe.stream(labels, cfg=cfg, previews=batch == 1):
-            if step.group == 0 and first_preview is None and batch == 1:
+            if step.step == 0 and first_preview is None and batch == 1:
                 first_preview = time.perf_counter() - t0
         sync(pipe.device)
         best = min(best, time.perf_counter() - t0)
-    list(pipe.stream(labels, cfg=cfg, previews=False, profile=prof))   # one more run for the AR/tokenizer split
+    prof = {}
+    list(pipe.stream(labels, cfg=cfg, previews=False, profile=prof))
     return best, prof, first_preview
 
 
-def time_eager(tok, ar, batch, cfg, reps):
-    labels = torch.arange(batch) % ar.num_classes
-    reference_sample(tok, ar, labels, cfg=cfg)
-    best = float("inf")
-    for _ in range(reps):
-        sync(ar.device)
-        t0 = time.perf_counter()
-        reference_sample(tok, ar, labels, cfg=cfg)
-        sync(ar.device)
-        best = min(best, time.perf_counter() - t0)
-    return best
+@torch.no_grad()
+def released_sample(tok, ar, labels, cfg: float):
+    """The released generate's structure: KV-cache loop, CFG, softmax + torch.multinomial per token, then decode."""
+    B, N = labels.numel(), tok.num_tokens
+    dev = ar.device
+    lab = torch.cat([labels, torch.full_like(labels, ar.null_class)]).to(dev)
+    ar.setup_cache(2 * B)
+    logits = ar.prefill(lab)
+    tokens = torch.empty(B, N, dtype=torch.int64, device=dev)
+    for j in range(N):
+        c, u = logits[:B], logits[B:]
+        probs = torch.softmax(u + (c - u) * cfg, dim=-1)
+        t = torch.multinomial(probs, 1)[:, 0]
+        tokens[:, j] = t
+        if j < N - 1:
+            logits = ar.decode_one(torch.cat([t, t]), j + 1)
+    seeds, ids = resolve_keys(0, B)
+    noise = sample_noise(seeds, ids, (3, *tok.image_size)).to(dev)
+    return tok.decode(tokens, noise=noise)
+
+
+def ms_per_decode_step(pipe, B, cfg):
+    """Time the engine's decode steps alone: N steps re-run over the buffers of the last call."""
+    key = next(k for k in pipe._engine_steps if k[0] == "decode" and k[1] == B)
+    dec = pipe._engine_steps[key]
+    N = dec.N
+    dec.pos.fill_(0)
+    sync(pipe.device)
+    t0 = time.perf_counter()
+    dec.run(0, N)
+    sync(pipe.device)
+    return (time.perf_counter() - t0) * 1e3 / N
+
+
+def bench_model(name, tok, ar, batches, reps, cfg, modes, rows, count=True):
+    dev = ar.device
+    pipes = {m: Pipeline(tokenizer=tok, ar=ar, compile=m != "eager",
+                         use_cuda_graphs=m == "captured") for m in modes}
+    for m, p in pipes.items():
+        p.engine_mode = m
+    impls = {"reference": lambda lab: reference_sample(tok, ar, lab, cfg=cfg),
+             "released": lambda lab: released_sample(tok, ar, lab, cfg)}
+    for m, p in pipes.items():
+        impls[f"engine-{m}"] = (lambda p: lambda lab: p.sample(lab, cfg=cfg))(p)
+    for B in batches:
+        labels = torch.arange(B) % ar.num_classes
+        ref = reference_sample(tok, ar, labels, cfg=cfg)
+        identical, warm_s = {}, {}
+        for m, p in pipes.items():
+            t0 = time.perf_counter()
+            out = p.sample(labels, cfg=cfg)                     # warm-up: compile / capture happen here
+            warm_s[m] = time.perf_counter() - t0
+            identical[m] = bool(torch.equal(out.tokens, ref.tokens))
+        times = {k: [] for k in impls}
+        for _ in range(reps):                                   # alternated: every impl once per repetition
+            for k, f in impls.items():
+                sync(dev)
+                t0 = time.perf_counter()
+                f(labels)
+                sync(dev)
+                times[k].append((time.perf_counter() - t0) * 1e3)
+        load = os.getloadavg()
+        for k, ts in times.items():
+            rec = dict(model=name, batch=B, impl=k, ms_min=min(ts), ms_median=sorted(ts)[len(ts) // 2], ms_reps=ts,
+                       images_per_s=B / min(ts) * 1e3, loadavg_1m=load[0])
+            if k.startswith("engine-"):
+                m = k[len("engine-"):]
+                p = pipes[m]
+                st = engine.status(p)
+                prof = {}
+                list(p.stream(labels, cfg=cfg, previews=False, profile=prof))
+                rec.update(ratio_vs_reference_per_rep=[r / e for r, e in zip(times["reference"], ts)],
+                           ratio_vs_released_per_rep=[r / e for r, e in zip(times["released"], ts)],
+                           tokens_identical_to_reference=identical[m], first_call_s=warm_s[m],
+                           modes_run=sorted({o["mode"] for o in st["objects"]}), fallbacks=st["fallbacks"],
+                           compiled=all(o["mode"] in ("compiled", "captured") for o in st["objects"]),
+                           graph_captured=all(o["mode"] == "captured" for o in st["objects"]),
+                           ar_ms=prof.get("ar", 0) * 1e3, tokenizer_ms=prof.get("tokenizer", 0) * 1e3,
+                           ms_per_decode_step=ms_per_decode_step(p, B, cfg))
+                rec["ratio_vs_reference_median"] = sorted(rec["ratio_vs_reference_per_rep"])[reps // 2]
+            rows.append(rec)
+            print_row({k2: v for k2, v in rec.items() if not isinstance(v, list)})
+        if count:
+            for m, p in pipes.items():
+                if m == "captured":
+                    continue       # the profiler inside a replayed graph sees one launch; counted eager/compiled
+                rec = dict(model=name, batch=B, impl=f"kernels-engine-{m}", **count_decode_kernels(p, labels, cfg),
+                           **count_tokenizer_kernels(p, labels, cfg))
+                rows.append(rec)
+                print_row(rec)
+            rec = dict(model=name, batch=B, impl="kernels-reference",
+                       **count_decode_kernels(None, labels, cfg, tok=tok, ar=ar),
+                       **count_tokenizer_kernels(None, labels, cfg, tok=tok))
+            rows.append(rec)
+            print_row(rec)
+
+
+def count_presets(presets, rows, device):
+    """Kernels per decode step of the released shapes (random weights, eager engine vs reference)."""
+    tok_cfg, _ = smoke_configs()
+    for name in presets:
+        acfg = ar_config(name)
+        acfg.block_size = 16    # kernel counts do not depend on the sequence length; a short cache saves memory
+        tok_cfg.num_all_queries, tok_cfg.queries_per_step = 16, 4
+        tok_cfg.vq_codebook_size = acfg.vocab_size
+        tok, ar = build(tok_cfg, acfg, device, torch.float32)
+        pipe = Pipeline(tokenizer=tok, ar=ar, compile=False)
+        labels = torch.zeros(1, dtype=torch.int64)
+        list(pipe.stream(labels, cfg=4.0, previews=False))
+        for impl, p in (("kernels-reference", None), ("kernels-engine-eager", pipe)):
+            rec = dict(model=name, batch=1, impl=impl, n_layer=acfg.n_layer, counted_on="cpu",
+                       **count_decode_kernels(p, labels, 4.0, tok=tok, ar=ar))
+            rec["decode_kernels_per_layer"] = rec["decode_kernels_per_step"] / acfg.n_layer
+            rows.append(rec)
+            print_row(rec)
+        del tok, ar, pipe
 
 
 def main():
     p = common_args(__doc__.splitlines()[0])
-    p.add_argument("--presets", nargs="+", default=["D-AR-L", "D-AR-XL", "D-AR-XXL"])
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64, 256])
-    p.add_argument("--eager-batches", type=int, nargs="+", default=[1, 64])
+    p.add_argument("--presets", nargs="+", default=None, help="AR presets with random weights (GPU default: L XL XXL)")
+    p.add_argument("--batches", type=int, nargs="+", default=None)
+    p.add_argument("--modes", nargs="+", default=None, help="engine modes (CPU: eager compiled; CUDA: captured)")
     p.add_argument("--cfg", type=float, default=4.0)
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--count-presets", nargs="*", default=[], help="also count kernels per decode step of these")
     args = p.parse_args()
     device = resolve_device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
     info = device_info(device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    modes = args.modes or (["captured"] if device.type == "cuda" else ["eager", "compiled"])
+    rows = []
     if args.smoke:
-        tok_cfg, models = smoke_configs()
-        batches, eager_batches, reps = [1, 4], [1, 4], 1
+        tok_cfg, acfgs = smoke_configs()
+        tok, ar = build(tok_cfg, acfgs["smoke"], device, dtype)
+        modes = args.modes or ["eager"]
+        bench_model("smoke", tok, ar, args.batches or [1, 4], 2, args.cfg, modes, rows)
+        model_desc = "smoke"
+    elif args.presets is None and device.type == "cpu":
+        pipe = Pipeline.from_pretrained("digits", device=device, dtype=dtype)
+        bench_model("digits", pipe.tok, pipe.ar, args.batches or [1, 8], args.reps, args.cfg, modes, rows)
+        model_desc = "digits"
     else:
         tok_cfg = tokenizer_config("tokenizer_v1")
         tok_cfg.repa_head = False
-        models = {name: ar_config(name) for name in args.presets}
-        batches, eager_batches, reps = args.batches, args.eager_batches, args.reps
-    copy_gbps = info.get("mem_bw_gbs_measured") or info.get("mem_bw_gbs") or 1.0
-    tflops = info.get("bf16_tflops_measured") or info.get("bf16_tflops") or info.get("fp32_tflops") or 1.0
-    rows = []
-    for name, acfg in models.items():
-        tok, ar = build(tok_cfg, acfg, device, dtype)
-        pipe = Pipeline(tokenizer=tok, ar=ar)
-        fl = floors(tok_cfg, acfg, copy_gbps, tflops)
-        for B in batches:
-            try:
-                sec, prof, first = time_engine(pipe, B, args.cfg, reps)
-            except torch.cuda.OutOfMemoryError:
-                rows.append(dict(model=name, batch=B, engine="fast", error="out of memory"))
-                continue
-            ips = B / sec
-            rec = dict(model=name, batch=B, engine="fast", images_per_s=ips, ms=sec * 1e3,
-                       ar_ms=prof.get("ar", 0) * 1e3, tokenizer_ms=prof.get("tokenizer", 0) * 1e3,
-                       flop_floor_images_per_s=fl["flop_floor_images_per_s"],
-                       fraction_of_flop_floor=ips / fl["flop_floor_images_per_s"],
-                       achieved_tflops=ips * image_flops(tok_cfg, acfg) / 1e12)
-            if B == 1:
-                ar_floor = fl["ar_weight_read_floor_ms"]
-                rec.update(first_preview_ms=first * 1e3 if first else None, ar_weight_read_floor_ms=ar_floor,
-                           ar_vs_floor=rec["ar_ms"] / ar_floor,
-                           ar_GBps=acfg.block_size * ar_weight_bytes(acfg) / max(prof.get("ar", 1e-9), 1e-9) / 1e9)
-            rows.append(rec)
-            print_row(rec)
-            if B in eager_batches:
-                esec = time_eager(tok, ar, B, args.cfg, max(1, reps - 1))
-                erec = dict(model=name, batch=B, engine="eager", images_per_s=B / esec, ms=esec * 1e3,
-                            speedup_of_fast=esec / sec)
-                rows.append(erec)
-                print_row(erec)
-        del tok, ar, pipe
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        for name in args.presets or ["D-AR-L", "D-AR-XL", "D-AR-XXL"]:
+            tok, ar = build(tok_cfg, ar_config(name), device, dtype)
+            bench_model(name, tok, ar, args.batches or [1, 16, 64, 256], args.reps, args.cfg, modes, rows)
+            del tok, ar
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        model_desc = "tokenizer_v1 + " + ",".join(args.presets or ["D-AR-L", "D-AR-XL", "D-AR-XXL"])
+    if args.count_presets:
+        count_presets(args.count_presets, rows, device)
     out = args.out or default_out("sampling", device, args.smoke)
     write_results(out, "sampling", rows, device, smoke=args.smoke,
-                  extra={"tokenizer": "smoke" if args.smoke else "tokenizer_v1", "cfg": args.cfg})
+                  extra={"model": model_desc, "cfg": args.cfg, "dtype": str(dtype).replace("torch.", ""),
+                         "threads": torch.get_num_threads(), "loadavg": list(os.getloadavg()),
+                         "sampler_extension": extension_status(), "device_info": info,
+                         "engine_modes": modes})
     print(f"wrote {out}")
 
 

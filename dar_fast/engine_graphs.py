@@ -46,24 +46,52 @@ def _f32(x: float) -> float:
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor):
     """One query per row over the first lengths[0] cache slots, the length on the device (capture-safe).
 
-    q (B,H,1,hd), caches (B,Hk,L,hd), lengths (1,) int64 -> (B,H,1,hd). On CUDA the Triton decode
-    kernel reads only the used prefix when it is installed (dar_fast.kernels.decode_attention); here
-    the exact fallback: SDPA over all L slots with the unused ones masked by a comparison against the
-    device length (reads every slot; no host sync)."""
-    kern = _decode_kernel() if q.is_cuda else None
-    if kern is not None:
-        return kern(q, k_cache, v_cache, lengths)
+    q (R,H,1,hd), caches (R,Hk,L,hd), lengths (1,) int64 -> (R,H,1,hd). CUDA: flash_attn_with_kvcache
+    (fp16/bf16, on-device cache_seqlens) when flash-attn is installed, else the Triton decode kernel
+    (`kernels/decode_attention.py`, only the used prefix is read); both read no mask. Elsewhere (and
+    for CUDA without Triton) the exact fallback: SDPA over all L slots with the unused ones masked by a
+    comparison against the device length (reads every slot, no host sync)."""
+    backend = attention_backend(q)
+    if backend == "flash":
+        from flash_attn import flash_attn_with_kvcache
+        seqlens = lengths.to(torch.int32).expand(q.shape[0]).contiguous()
+        o = flash_attn_with_kvcache(q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2),
+                                    cache_seqlens=seqlens)                              # (R,1,H,hd)
+        return o.transpose(1, 2)
+    if backend == "triton":
+        return _decode_attention_op(q[:, :, 0], k_cache, v_cache, lengths.reshape(()))[:, :, None]
     L = k_cache.shape[2]
     keep = torch.arange(L, device=q.device)[None, :] < lengths[:, None]        # (1, L)
     return F.scaled_dot_product_attention(q, _rep(k_cache, q), _rep(v_cache, q), attn_mask=keep[None, None])
 
 
-def _decode_kernel():
-    try:
-        from dar_fast.kernels.decode_attention import decode_attention as kern  # the kernels helper's Triton op
-        return kern
-    except Exception:
-        return None
+def attention_backend(q: torch.Tensor) -> str:
+    """flash | triton | sdpa-masked: what `decode_attention` runs for tensors like q (the benchmark records it)."""
+    if not q.is_cuda:
+        return "sdpa-masked"
+    from dar_fast.attention import _flash, backend
+    if backend() in ("auto", "flash") and _flash() is not None and q.dtype in (torch.float16, torch.bfloat16):
+        try:
+            from flash_attn import flash_attn_with_kvcache  # noqa: F401
+            return "flash"
+        except Exception:
+            pass
+    from dar_fast.kernels.backend import triton_available
+    return "triton" if triton_available() else "sdpa-masked"
+
+
+@torch.library.custom_op("dar_fast::engine_decode_attention", mutates_args=())
+def _decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         cache_len: torch.Tensor) -> torch.Tensor:
+    """The Triton decode kernel as an opaque op: torch.compile keeps the launch in its graph instead of
+    tracing the Python launcher, and a CUDA graph captures it like any kernel."""
+    from dar_fast.kernels.decode_attention import decode_attention as kern
+    return kern(q, k_cache, v_cache, cache_len)
+
+
+@_decode_attention_op.register_fake
+def _(q, k_cache, v_cache, cache_len):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
 def _rep(kv: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
