@@ -1,13 +1,14 @@
-"""Sequential diffusion tokenizer: image -> N coarse-to-fine tokens -> K-step pixel diffusion decode.
+"""Sequential diffusion tokenizer: image -> N coarse-to-fine tokens in K groups -> S-step pixel diffusion decode.
 
 Encoder: patches + N learnable queries through gated pre-LN blocks (2D RoPE on
 patches, identity on queries; patches see patches, queries see patches and
 earlier queries), l2-normalised VQ of the query outputs. Decoder side: code
-vectors through causal blocks give `cond`, whose group i conditions diffusion
-step i of the pixel DiT.
+vectors through causal blocks give `cond`; diffusion step i of S reads group
+min(floor(i*K/S + 1/2), K-1) (`schedule`), exactly as the released decoder.
 """
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import torch
@@ -112,9 +113,9 @@ class Tokenizer(nn.Module):
 
     def check_steps(self, steps: Optional[int]) -> int:
         S = self.cfg.num_denoising_steps if steps is None else steps
-        if isinstance(S, bool) or not isinstance(S, int) or S < 1:
+        if isinstance(S, bool) or not isinstance(S, numbers.Integral) or S < 1:
             raise UsageError(f"steps must be a positive integer (diffusion steps), got {steps!r}")
-        return S
+        return int(S)
 
     def schedule(self, steps: Optional[int] = None):
         """(times, groups) of an S-step decode: times t_0..t_S (S+1 floats, t_S = 1.0, shifted as
@@ -328,11 +329,13 @@ class Tokenizer(nn.Module):
             if S != K:
                 raise UsageError(f"groups= counts groups and needs steps == num_query_groups ({K}); with "
                                  f"steps={S} use clip_steps (it counts steps)")
-            if isinstance(groups, bool) or not isinstance(groups, int) or not 1 <= groups <= K:
+            if isinstance(groups, bool) or not isinstance(groups, numbers.Integral) or not 1 <= groups <= K:
                 raise UsageError(f"groups must be in [1, {K}], got {groups!r}")
             clip_steps = groups
-        if clip_steps is not None and (isinstance(clip_steps, bool) or not isinstance(clip_steps, int) or clip_steps < 1):
-            raise UsageError(f"clip_steps must be a positive integer, got {clip_steps!r}")
+        if clip_steps is not None:
+            if isinstance(clip_steps, bool) or not isinstance(clip_steps, numbers.Integral) or clip_steps < 1:
+                raise UsageError(f"clip_steps must be a positive integer, got {clip_steps!r}")
+            clip_steps = int(clip_steps)
         return S, clip_steps
 
     def _integrate(self, cond, B, noise, generator, size, S, solver, clip_steps):
