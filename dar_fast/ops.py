@@ -10,6 +10,7 @@ DAR_FAST_BACKEND_<OP> (see dar_fast.kernels.backend).
     sample_tokens(logits, uncond, cfg, ...)        CFG + temperature + top-k/top-p + keyed Philox draw (C++/CUDA)
     images_to_uint8(img)                           (B,3,H,W) in [-1,1] -> (B,H,W,3) uint8, the released clamp(127.5x+128) truncation
     decode_attention(q, k_cache, v_cache, len)    one query per row over the used KV prefix, split-K, GQA (Triton)
+    sample_noise(seeds, ids, shape, device)        keyed Gaussian noise, the same bits on CPU and GPU (Triton)
     rms_norm(x, weight, eps, residual=None)        RMSNorm, optionally fused with the residual add -> (y, x + r) (Triton)
     adaln_modulate(x, shift, scale)                DiT LayerNorm + (1 + scale) * x + shift in one pass (Triton)
     gated_residual(x, gate, y, shift, scale)       x + gate * y, optionally fused with the next adaln_modulate (Triton)
@@ -24,3 +25,4 @@ from dar_fast.kernels.rope import apply_rope, grid_positions  # noqa: F401
 from dar_fast.kernels.sample_tokens import sample_tokens  # noqa: F401
 from dar_fast.kernels.swiglu import swiglu  # noqa: F401
 from dar_fast.kernels.vq_nearest import vq_nearest  # noqa: F401
+from dar_fast.seeding import sample_noise  # noqa: F401

@@ -2,8 +2,10 @@
 
 Tokens are drawn by `ops.sample_tokens` from a counter-based Philox stream keyed
 by (seed, sample id, position). The initial pixel noise of sample (seed, id) is
-drawn on the CPU from a generator seeded by a 64-bit mix of the key, then moved
-to the device: the same noise alone, in any batch, on any device.
+drawn from the same generator keyed by (seed, sample id, element index), turned
+into a normal by fixed-sequence IEEE float64 math (`dar_fast.kernels.noise`):
+on the device where it is used (a Triton kernel on CUDA, the exact PyTorch
+reference on CPU), the same bits alone, in any batch, on any device.
 """
 from __future__ import annotations
 
@@ -27,14 +29,20 @@ def noise_seed(seed: int, sample_id: int) -> int:
     return splitmix64(splitmix64(int(seed) & _M64) ^ (int(sample_id) & _M64)) & ((1 << 63) - 1)
 
 
-def sample_noise(seeds: torch.Tensor, sample_ids: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """(B,) keys -> (B, *shape) float32 standard normal noise on the CPU."""
-    out = torch.empty(len(seeds), *shape)
-    g = torch.Generator()
-    for b, (s, i) in enumerate(zip(seeds.tolist(), sample_ids.tolist())):
-        g.manual_seed(noise_seed(s, i))
-        out[b] = torch.randn(*shape, generator=g)
-    return out
+def sample_noise(seeds: torch.Tensor, sample_ids: torch.Tensor, shape: Sequence[int], device=None) -> torch.Tensor:
+    """(B,) keys -> (B, *shape) float32 standard normal noise, drawn on `device` (default: the CPU).
+
+    Element i of sample b (row-major over `shape`) is `kernels.noise.keyed_normal`'s element i of key
+    (seeds[b], sample_ids[b]); on CUDA it is drawn by the kernel, nothing is copied from the host."""
+    from dar_fast.kernels.noise import keyed_normal
+
+    shape = tuple(int(d) for d in shape)
+    seeds, sample_ids = torch.as_tensor(seeds), torch.as_tensor(sample_ids)
+    n = 1
+    for d in shape:
+        n *= d
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    return keyed_normal(seeds, sample_ids, n, device).view(seeds.numel(), *shape)
 
 
 SEED_MIN, SEED_MAX = -(1 << 63), (1 << 63) - 1     # a seed is one int64 word of the Philox key

@@ -23,6 +23,7 @@ RESULT_KEYS = {"case", "impl", "ms", "ms_p20", "ms_p80", "method", "bytes", "gbp
     ("swiglu", {"ar_decode", "train fwd+bwd"}),
     ("adaln", {"modulate", "gated+modulate", "gated+modulate fwd+bwd"}),
     ("decode_attention", {"batch1"}),
+    ("noise", {"batch2"}),
 ])
 def test_bench_smoke(tmp_path, name, cases):
     out = tmp_path / f"{name}.json"
@@ -46,6 +47,8 @@ def test_bench_smoke(tmp_path, name, cases):
         assert r["ms"] > 0 and r["gbps"] > 0 and r["bytes"] > 0
         if r["impl"] != "torch":
             assert r["speedup_vs_torch"] > 0
+    if name == "noise" and triton_available():
+        assert all(r["triton_bits_equal_reference"] for r in rows)
     if name == "vq_nearest":
         assert all("tflops" in r and r["index_mismatches_vs_torch"] == 0 for r in rows)
     assert not [p for p in tmp_path.iterdir() if "tmp" in p.name], "a temporary file was left behind"

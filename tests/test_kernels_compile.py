@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(not triton_available(), reason="triton not insta
 DIV16 = [["tt.divisibility", 16]]
 
 
-def compile_sm90(jitfn, types: dict, consts: dict, div16=(), num_warps=4):
+def compile_sm90(jitfn, types: dict, consts: dict, div16=(), num_warps=4, **options):
     """triton.compile for sm_90 -> (ptx, cubin); `types` gives every non-constexpr argument."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -28,7 +28,7 @@ def compile_sm90(jitfn, types: dict, consts: dict, div16=(), num_warps=4):
     attrs = {(jitfn.arg_names.index(n),): DIV16 for n in div16}
     try:
         k = triton.compile(ASTSource(fn=jitfn, signature=sig, constexprs=consts, attrs=attrs),
-                           target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
+                           target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, **options))
     except RuntimeError as e:  # no usable ptxas on this machine
         if "ptxas" in str(e).lower():
             pytest.skip(f"no ptxas: {e}")
@@ -166,3 +166,19 @@ def test_decode_attention_compiles(dtype, G, single):
                                             n_splits="i32", sob="i32", soh="i32"),
                               dict(D=64, BLOCK_D=64, SPLITS_PAD=8))
     assert cubin and "div.full" not in ptx
+
+
+def test_noise_compiles_exact():
+    """Float64 constants kept at full precision, IEEE div / sqrt, and no FMA contraction (launched with
+    enable_fp_fusion=False): what makes the GPU noise bit-identical to the CPU reference."""
+    import struct
+    from dar_fast.kernels import noise as nm
+    ptx, cubin = compile_sm90(nm._kernel(False), dict(seed_ptr="*i64", sid_ptr="*i64", out_ptr="*fp32", n="i32"),
+                              dict(BLOCK=256), div16=("out_ptr",), enable_fp_fusion=False)
+    assert cubin and "fma.rn.f64" not in ptx and "div.rn.f64" in ptx and "sqrt.rn.f64" in ptx
+    assert "approx.f64" not in ptx and "approx.ftz.f64" not in ptx
+    hexes = set(re.findall(r"0d([0-9A-F]{16})", ptx))
+    missing = [c for c in nm.f64_constants() if not {struct.pack(">d", c).hex().upper(),
+                                                      struct.pack(">d", -c).hex().upper()} & hexes
+               and c not in (0.5, 1.0, 2.0)]                                # x - c may compile to x + (-c)
+    assert not missing, missing                                           # none rounded to float32

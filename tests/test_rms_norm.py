@@ -48,14 +48,15 @@ def test_strided_rows_and_fp32_weight(backend):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("with_res", [False, True])
 def test_half_within_torch_error(backend, dtype, with_res):
-    """Error vs float64 at most 2x torch's own in this dtype (4x for bf16 interpreted: Triton's interpreter
-    casts fp32 -> bf16 by truncation, not round-to-nearest)."""
+    """Error vs float64 at most 2x torch's own in this dtype. Interpreted bf16: Triton's interpreter casts
+    fp32 -> bf16 by truncation (biased, up to 1 ulp instead of 1/2) at each of the reference's roundings;
+    measured y: mean 2.4x, worst 4.3x of torch's error over 30 seeds: 6x."""
     M, C = 37, 257
     x, w = torch.randn(M, C, dtype=dtype), torch.randn(C, dtype=dtype)
     r = torch.randn(M, C, dtype=dtype) if with_res else None
     out = rms_norm(x, w, residual=r)
     ref = rms_norm_ref(x, w, residual=r)
-    factor = 4 if (backend == "triton" and dtype == torch.bfloat16) else 2
+    factor = 6 if (backend == "triton" and dtype == torch.bfloat16) else 2
     if with_res:
         hx = x.double() + r.double()
         e_h, e_ht = (out[1].double() - hx).abs().max().item(), (ref[1].double() - hx).abs().max().item()

