@@ -338,7 +338,8 @@ def test_cli_serve_says_what_to_install(monkeypatch, capsys):
     monkeypatch.setattr(dar_fast.serve, "missing_dependency", lambda: "uvicorn")
     assert main(["serve", "--port", "0"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["dar-fast serve: error: uvicorn is not installed; install the serve extra: pip install dar-fast[serve]"]
+    assert err == ["dar-fast serve: error: uvicorn is not installed; "
+                   "install the serve extra: pip install dar-fast[serve]"]
     try:                                            # a bad port is refused at parse time, before any loading
         rc = main(["serve", "--port", "70000"])
     except SystemExit as e:                         # argparse's own exit

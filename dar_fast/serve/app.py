@@ -108,12 +108,16 @@ def create_app(pipe, max_batch: int = 64, max_queue: int = 256, defaults: dict |
             scales = None if cfg == 1.0 else torch.full((N,), cfg, dtype=torch.float32)
 
         def emit(kind, payload):
-            loop.call_soon_threadsafe(q.put_nowait, (kind, payload))
+            try:
+                loop.call_soon_threadsafe(q.put_nowait, (kind, payload))
+            except RuntimeError:          # the loop is closed (server shutting down): nobody is listening
+                job.cancel()
 
-        return Job(labels=labels, seeds=torch.full((B,), req["seed"], dtype=torch.int64),
-                   ids=torch.tensor(req["sample_ids"], dtype=torch.int64), scales=scales,
-                   temperature=req["temperature"], top_k=req["top_k"], top_p=req["top_p"], prefix=req["prefix"],
-                   previews=previews, emit=emit, steps=req["steps"], solver=req["solver"])
+        job = Job(labels=labels, seeds=torch.full((B,), req["seed"], dtype=torch.int64),
+                  ids=torch.tensor(req["sample_ids"], dtype=torch.int64), scales=scales,
+                  temperature=req["temperature"], top_k=req["top_k"], top_p=req["top_p"], prefix=req["prefix"],
+                  previews=previews, emit=emit, steps=req["steps"], solver=req["solver"])
+        return job
 
     def settings(req: dict) -> dict:
         return {"cfg": req["cfg"], "seed": req["seed"], "sample_ids": req["sample_ids"],
@@ -125,7 +129,7 @@ def create_app(pipe, max_batch: int = 64, max_queue: int = 256, defaults: dict |
     async def start(request: Request, previews: bool):
         body = await _json_body(request)
         req = check_generate(body, num_classes=C, num_tokens=N, codebook_size=tok.codebook_size,
-                             max_labels=max_batch, defaults=defaults)
+                             max_labels=min(max_batch, max_queue), defaults=defaults)
         q: asyncio.Queue = asyncio.Queue()
         job = make_job(req, previews, asyncio.get_running_loop(), q)
         try:

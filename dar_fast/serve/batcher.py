@@ -37,7 +37,8 @@ import torch
 from dar_fast.engine_graphs import DecodeStep, TokenizerStep
 from dar_fast.seeding import sample_noise
 
-MODE = "eager"      # cohorts come and go with every batch size: compiling or capturing each would cost more than it saves
+# cohorts come and go with every batch size: compiling or capturing each would cost more than it saves
+MODE = "eager"
 
 
 class QueueFull(Exception):
@@ -296,7 +297,8 @@ class Batcher:
             lg += [c.dec.logits.index_select(0, i[1]) for (c, _), i in zip(parts, idx)]
         dec.logits.copy_(torch.cat(lg))
         for name in ("tokens", "seeds", "ids"):
-            getattr(dec, name).copy_(torch.cat([getattr(c.dec, name).index_select(0, i[0]) for (c, _), i in zip(parts, idx)]))
+            rows_ = [getattr(c.dec, name).index_select(0, i[0]) for (c, _), i in zip(parts, idx)]
+            getattr(dec, name).copy_(torch.cat(rows_))
         dec.scales.copy_(c0.dec.scales)
         dec.pos.copy_(c0.dec.pos)
         return dec

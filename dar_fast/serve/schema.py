@@ -63,7 +63,8 @@ def check_generate(body, *, num_classes: int, num_tokens: int, codebook_size: in
     if not isinstance(labels, list) or not labels:
         raise BadRequest("labels must be a non-empty list of class ids")
     if len(labels) > max_labels:
-        raise BadRequest(f"too many labels: {len(labels)} (at most {max_labels} per request, --max-batch)", 413)
+        raise BadRequest(f"too many labels: {len(labels)} (at most {max_labels} per request: the smaller of "
+                         "--max-batch and --max-queue)", 413)
     for c in labels:
         if not _is_int(c):
             raise BadRequest(f"labels must be integers, got {c!r}")
@@ -167,6 +168,8 @@ def check_encode(body, image_size) -> torch.Tensor:
         raise BadRequest("image is not valid base64") from None
     except (UnidentifiedImageError, OSError):
         raise BadRequest("image is not a readable PNG/JPEG file") from None
+    except Image.DecompressionBombError:
+        raise BadRequest(f"image has too many pixels (more than {Image.MAX_IMAGE_PIXELS})", 413) from None
     img = img.convert("RGB")
     H, W = image_size
     if img.size != (W, H):
