@@ -169,6 +169,10 @@ def run(args) -> int:
     args.steps, args.solver = values["steps"], values["solver"]
     if rank == 0:
         print("dar-fast fid: sampling: " + defaults.describe(values, sources), file=sys.stderr)
+        pr = pipe.precision
+        print(f"dar-fast fid: models: tokenizer {pr['tokenizer_dtype']} ({getattr(pipe.tok, 'loaded_weights', 'model')} "
+              f"weights), AR {pr['ar_dtype']} ({getattr(pipe.ar, 'loaded_weights', 'model')} weights)"
+              + (", TF32 matmuls" if pr["tf32"] else "") + f", precision {pr['mode']}", file=sys.stderr)
     C, N, B = pipe.num_classes, args.num_samples, args.batch_size
     H, W = pipe.tok.output_size()           # the decode size, then output_resolution
     settings = dict(num_samples=N, batch_size=B, cfg=cfg if isinstance(cfg, float) else list(cfg),
