@@ -102,3 +102,19 @@ def test_smoke_every_section_runs_or_is_skipped_with_a_reason(tmp_path):
     assert f["batch_invariance"]["bfloat16"]["tokens_total"] == 64
     assert f["decode_and_fid_writer"]["fid_shard_writer"]["images"] == 64
     assert (tmp_path / "bench_sample_tokens.json").exists() and (tmp_path / "bench_sampling.json").exists()
+
+
+@pytest.mark.slow
+def test_shell_wrapper_without_a_gpu_rehearses_without_installing(tmp_path):
+    # with no CUDA device the wrapper must not reinstall this working environment: it runs --smoke instead
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the wrapper would reinstall the project")
+    env = dict(os.environ, OUT=str(tmp_path), OMP_NUM_THREADS="1")
+    r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--sections", "environment"],
+                       capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert "torch sees no CUDA device" in r.stdout and r.returncode == 0, r.stdout + r.stderr
+    assert "installing" not in r.stdout and not (tmp_path / "gpu_check" / "install.log").exists()
+    rep = load(tmp_path / "gpu_check")
+    assert rep["smoke"] is True and rep["sections"]["environment"]["status"] == "ok"
+    assert f"results in {tmp_path}/gpu_check/gpu_check.json" in r.stdout
