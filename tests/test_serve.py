@@ -345,3 +345,46 @@ def test_cli_serve_says_what_to_install(monkeypatch, capsys):
     except SystemExit as e:                         # argparse's own exit
         rc = e.code
     assert rc == 2 and "0..65535" in capsys.readouterr().err
+
+
+def _job(labels, seed, out, cfg=CFG, **kw):
+    def emit(kind, payload):
+        out.setdefault(kind, []).append(payload)
+    B = len(labels)
+    return Job(labels=torch.tensor(labels), seeds=torch.full((B,), seed), ids=torch.arange(B),
+               scales=torch.full((32,), cfg), temperature=1.0, top_k=0, top_p=1.0, prefix=None, previews=True,
+               emit=emit, **kw)
+
+
+def test_batcher_merges_and_cuts_cohorts_mid_generation(ref, threads1):
+    # driven by hand (no worker thread): cohorts merged after a step and a request cut out mid-way
+    # still give exactly Pipeline.sample's tokens and pixels, and Pipeline.stream's previews
+    from dar_fast.serve.batcher import Batcher
+    b = Batcher(Pipeline.from_pretrained("digits", device="cpu"), max_batch=64)
+    outs = [{} for _ in range(4)]
+    a, c, gone, d = (_job([1, 2], 7, outs[0]), _job([3], 8, outs[1]), _job([4, 5], 9, outs[2]),
+                     _job([6, 0, 9], 10, outs[3]))
+    for j in (a, c, gone, d):
+        b._pending.append(j)
+        b.queued_rows += j.B
+    b._admit(b._take_admissible()[:1])                # three admissions: three cohorts at step 0
+    b._admit([c, gone])
+    b._admit([d])
+    assert len(b._cohorts) == 3
+    for co in list(b._cohorts):                       # each takes its first step alone
+        b._advance(co)
+    b._merge()                                        # same step, position and settings: one batch
+    assert len(b._cohorts) == 1 and b._cohorts[0].B == 8 and b._cohorts[0].step == 1
+    gone.cancel()
+    b._drop_cancelled()                               # its rows leave the KV cache
+    assert b._cohorts[0].B == 6 and b.running_rows == 6
+    while b._cohorts:
+        b._advance(b._cohorts[0])
+    assert b.running_rows == 0 and "done" not in outs[2] and len(outs[2]["preview"]) == 1
+    for j, out in ((a, outs[0]), (c, outs[1]), (d, outs[3])):
+        want = list(ref.stream(j.labels.tolist(), cfg=CFG, seed=int(j.seeds[0])))
+        assert torch.equal(out["done"][0]["tokens"], want[-1].tokens)
+        assert torch.equal(out["done"][0]["images"], want[-1].preview)
+        assert [p["step"] for p in out["preview"]] == [0, 1, 2, 3]
+        for p, w in zip(out["preview"], want):
+            assert torch.equal(p["images"], w.preview)
