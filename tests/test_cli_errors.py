@@ -193,13 +193,20 @@ def test_console_script_bad_value(tmp_path):
 def test_console_script_ctrl_c_is_quiet(tmp_path):
     """SIGINT at whatever point the run has reached (importing torch, loading, sampling): exit 130, no traceback."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    # a shell without job control starts background jobs with SIGINT ignored, and Python keeps it ignored:
+    # give the child the default disposition, as a terminal would
     p = subprocess.Popen([*_script(), "sample", "--per-class", "200", "--out", str(tmp_path / "o"), "--no-progress"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline and not (tmp_path / "o" / "settings.json").exists() and p.poll() is None:
         time.sleep(0.2)
     p.send_signal(signal.SIGINT)
-    out, err = p.communicate(timeout=120)
+    try:
+        out, err = p.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        raise
     assert p.returncode == 130, (p.returncode, err[-2000:])
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
     assert "interrupted" in err
