@@ -140,11 +140,12 @@ def numerics(precision: str, device: torch.device):
         yield
 
 
-def keyed_noise(tok, indices, seed: int, size: int) -> torch.Tensor:
+def keyed_noise(tok, indices, seed: int, size: int, device=None) -> torch.Tensor:
+    """(B,3,H,W) initial noise of images `indices`, keyed by (seed, index): the same bits on any device."""
     from dar_fast.seeding import sample_noise
     H, W = tok.decode_size(size)
     ids = torch.as_tensor(list(indices), dtype=torch.int64)
-    return sample_noise(torch.full_like(ids, int(seed)), ids, (3, H, W))
+    return sample_noise(torch.full_like(ids, int(seed)), ids, (3, H, W), device=device)
 
 
 @torch.no_grad()
@@ -154,7 +155,7 @@ def reconstruct_batch(tok, crops: np.ndarray, indices, *, seed: int, steps, solv
     from dar_fast import ops
     dev = tok.device
     S = crops.shape[1]
-    noise = keyed_noise(tok, indices, seed, S).to(dev)
+    noise = keyed_noise(tok, indices, seed, S, device=dev)
     with numerics(precision, dev):
         if codes is None:
             codes = tok.encode(to_model_input(crops).to(dev, tok.dtype))
