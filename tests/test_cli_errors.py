@@ -210,3 +210,26 @@ def test_console_script_ctrl_c_is_quiet(tmp_path):
     assert p.returncode == 130, (p.returncode, err[-2000:])
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
     assert "interrupted" in err
+
+
+class _NotATensor:
+    pass
+
+
+def test_loader_messages_tell_the_truth(tmp_path):
+    """Library level: each broken file is named for what it is; no message passes on torch's weights_only advice."""
+    from dar_fast.checkpoint import read_checkpoint
+    from dar_fast.errors import UsageError
+    torch.save({"w": torch.ones(50)}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    legacy = (tmp_path / "legacy.pt").read_bytes()
+    (tmp_path / "legacy_cut.pt").write_bytes(legacy[: len(legacy) // 2])
+    torch.save({"w": torch.ones(3), "obj": _NotATensor()}, tmp_path / "object.pt")
+    (tmp_path / "x.safetensors").write_bytes(os.urandom(64))
+    cases = {"legacy_cut.pt": "truncated or corrupt PyTorch file", "object.pt": "refusing to unpickle",
+             "x.safetensors": "truncated or corrupt safetensors file"}
+    for name, words in cases.items():
+        with pytest.raises(UsageError) as e:
+            read_checkpoint(str(tmp_path / name))
+        msg = str(e.value)
+        assert words in msg and name in msg and "weights_only" not in msg, msg
+    assert torch.equal(read_checkpoint(str(tmp_path / "legacy.pt"))[0]["w"], torch.ones(50))
