@@ -321,6 +321,7 @@ def test_broken_dali_setup_fails_loudly(tmp_path, monkeypatch):
         next(make_loader(str(tmp_path), S, 2, loader="dali"))
 
 
+@pytest.mark.slow     # ~15 s per loader on 2 busy cores
 @pytest.mark.parametrize("loader", FILE_LOADERS)
 def test_webdataset_shards_match_folder(folder, shards, loader):
     tar = make_loader(shards, S, 4, loader=loader, seed=1)
@@ -411,6 +412,7 @@ def test_ordered_pass_flip_mirrors_every_image(folder, loader):
     assert torch.equal(xf, x.flip(-1)), f"flip=True is not the mirror: max diff {(xf - x.flip(-1)).abs().max()}"
 
 
+@pytest.mark.slow     # ~17 s per loader on 2 busy cores
 @pytest.mark.parametrize("loader", FILE_LOADERS)
 def test_ordered_pass_corrupt_tail_and_truncated_body(tmp_path, loader):
     """Unreadable files closing the pass (a last chunk with no readable image at all) and a JPEG whose header
