@@ -118,3 +118,14 @@ def test_shell_wrapper_without_a_gpu_rehearses_without_installing(tmp_path):
     rep = load(tmp_path / "gpu_check")
     assert rep["smoke"] is True and rep["sections"]["environment"]["status"] == "ok"
     assert f"results in {tmp_path}/gpu_check/gpu_check.json" in r.stdout
+
+
+def test_without_cuda_and_without_smoke_every_gpu_section_is_skipped(tmp_path):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: the sections would run for real")
+    r = run("--out", tmp_path, "--sections", "tokenizer_step,batch_invariance", timeout=120)
+    s = load(tmp_path)["sections"]
+    assert r.returncode == 0, r.stderr
+    assert all(s[n]["status"] == "skipped" and "needs CUDA" in s[n]["reason"] for n in ("tokenizer_step",
+                                                                                       "batch_invariance"))
