@@ -11,6 +11,8 @@ Every request is a one-image stream (`/v1/generate/stream`, label i % 10, seed i
 first preview (TTFP) and latency are read per request. Every answer is checked against
 `Pipeline.sample` in this process (tokens and PNG pixels equal). Bounded: --timeout seconds in
 all, 60 s per request. Writes benchmarks/results/serve-cpu-digits[-smoke].json.
+--exactness N also runs N one-image requests at once through the batcher in-process and
+compares each with Pipeline.sample of that image alone (tokens and pixels).
 """
 from __future__ import annotations
 
@@ -128,6 +130,43 @@ def _check(bodies, results, refs):
     return bad
 
 
+def exactness(n: int) -> dict:
+    """n one-image requests through the batcher at once (cohorts of up to 64 labels = 128 rows with CFG), in
+    this process, against Pipeline.sample of each alone: how many differ in tokens or pixels."""
+    import torch
+
+    from dar_fast.pipeline import Pipeline
+    from dar_fast.serve.batcher import Batcher, Job
+    torch.set_num_threads(1)
+    pipe, ref = Pipeline.from_pretrained("digits", device="cpu"), Pipeline.from_pretrained("digits", device="cpu")
+    b = Batcher(pipe, max_batch=64, max_queue=max(64, n)).start()
+    outs, done = {}, threading.Semaphore(0)
+
+    def job(i):
+        def emit(kind, payload):
+            if kind in ("done", "error"):
+                outs[i] = payload
+                done.release()
+        return Job(labels=torch.tensor([i % 10]), seeds=torch.tensor([5000 + i]), ids=torch.tensor([0]),
+                   scales=torch.full((pipe.tok.num_tokens,), 2.0), temperature=1.0, top_k=0, top_p=1.0, prefix=None,
+                   previews=False, emit=emit)
+
+    t0 = time.perf_counter()
+    for i in range(n):
+        b.submit(job(i))
+    for _ in range(n):
+        done.acquire()
+    wall = time.perf_counter() - t0
+    b.stop()
+    bad_tokens = bad_pixels = 0
+    for i in range(n):
+        o = ref.sample([i % 10], cfg=2.0, seed=5000 + i)
+        bad_tokens += not torch.equal(o.tokens, outs[i].get("tokens"))
+        bad_pixels += not torch.equal(o.images, outs[i].get("images"))
+    return {"requests": n, "largest_ar_batch_rows": b.max_rows_seen, "wall_s": round(wall, 2),
+            "token_mismatches": bad_tokens, "pixel_mismatches": bad_pixels}
+
+
 def main():
     import argparse
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -138,6 +177,8 @@ def main():
     p.add_argument("--timeout", type=float, default=900, help="seconds for the whole run")
     p.add_argument("--smoke", action="store_true", help="4 clients x 2 requests, 1 round")
     p.add_argument("--out", default=None)
+    p.add_argument("--exactness", type=int, default=0, metavar="N",
+                   help="also run N one-image requests batched in-process against Pipeline.sample alone")
     args = p.parse_args()
     if args.smoke:
         args.clients, args.requests, args.rounds = 4, 2, 1
@@ -209,6 +250,11 @@ def main():
                "server": {"cmd": " ".join(cmd[1:]), "threads": 1, "max_batch": args.max_batch, "health_after": health},
                "note": "every request: one image, label i % 10, seed i, the model's default cfg 2.0; "
                        "answers_wrong counts tokens or PNG pixels differing from Pipeline.sample"}
+    if args.exactness:
+        print(f"exactness: {args.exactness} one-image requests batched vs alone ...", flush=True)
+        summary["exactness"] = exactness(args.exactness)
+        print(summary["exactness"])
+        wrong += summary["exactness"]["token_mismatches"] + summary["exactness"]["pixel_mismatches"]
     out = args.out or os.path.join(RESULTS_DIR, f"serve-cpu-digits{'-smoke' if args.smoke else ''}.json")
     write_results(out, "serve", results, "cpu", smoke=args.smoke, extra={"summary": summary})
     for r in results:
