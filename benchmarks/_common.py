@@ -43,23 +43,16 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 RESULTS_DIR = os.path.join(HERE, "results")
 
-# Per-GPU ceilings. Keys are matched as substrings of torch.cuda.get_device_name(),
-# first match wins (so the more specific names come first).
+# Per-GPU ceilings from the one device table (dar_fast.perf.DEVICES; keys matched as substrings of
+# torch.cuda.get_device_name(), first match wins):
 #   mem_bw_gbs            spec HBM bandwidth, GB/s (1e9 B/s)
 #   mem_bw_gbs_measured   device-to-device copy measured here (read + written), GB/s
 #   bf16_tflops           dense bf16 tensor-core spec, TFLOP/s
 #   bf16_tflops_measured  8192^3 bf16 matmul measured on this workplace's machines
 #   fp32_tflops           non-tensor-core fp32 (FMA = 2 FLOP) spec, TFLOP/s
-GPU_CEILINGS: list[tuple[str, dict]] = [
-    ("H100 PCIe", dict(mem_bw_gbs=2000.0, bf16_tflops=756.0, fp32_tflops=51.0)),
-    ("H100 NVL", dict(mem_bw_gbs=3900.0, bf16_tflops=835.0, fp32_tflops=60.0)),
-    ("H100", dict(mem_bw_gbs=3350.0, mem_bw_gbs_measured=3000.0, bf16_tflops=989.0,
-                  bf16_tflops_measured=790.0, fp32_tflops=67.0)),            # SXM5 80GB HBM3
-    ("H200", dict(mem_bw_gbs=4800.0, mem_bw_gbs_measured=4300.0, bf16_tflops=989.0,
-                  bf16_tflops_measured=790.0, fp32_tflops=67.0)),
-    ("A100-SXM4-80GB", dict(mem_bw_gbs=2039.0, bf16_tflops=312.0, fp32_tflops=19.5)),
-    ("A100", dict(mem_bw_gbs=1555.0, bf16_tflops=312.0, fp32_tflops=19.5)),  # 40GB
-]
+from dar_fast.perf import gpu_ceilings  # noqa: E402
+
+GPU_CEILINGS: list[tuple[str, dict]] = gpu_ceilings()
 
 
 # ----------------------------------------------------------------------------- device

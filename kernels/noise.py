@@ -36,7 +36,6 @@ float64 (estimate: 196,608 x 70 / 34e12), against 1-3 ms for the host generator 
 from __future__ import annotations
 
 import functools
-import math
 import struct
 import sys
 

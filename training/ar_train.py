@@ -13,18 +13,13 @@ world_size x ``--grad-accum`` micro-batches.
 """
 from __future__ import annotations
 
-import json
-import os
-from typing import Optional
-
-import numpy as np
 import torch
 import torch.nn as nn
 
 from dar_fast.config import ARConfig, ar_config
 from dar_fast.models import ARModel
 from dar_fast.training import distributed as D
-from dar_fast.training.extract_codes import CODES_NAME, LABELS_NAME, META_NAME
+from dar_fast.training.data import CodeSet, CodesLoader
 from dar_fast.training.losses import ARObjective
 from dar_fast.training.loop import Trainer, lr_at
 
@@ -52,136 +47,8 @@ def init_ar_weights_(ar: ARModel) -> ARModel:
 
 # ====================================================================================== FLOPs
 
-def ar_matmul_params(cfg: ARConfig) -> int:
-    """Parameters that take part in a matmul per token: blocks and the output head (not the embedding tables)."""
-    D_, hd = cfg.dim, cfg.head_dim
-    per_layer = D_ * (cfg.n_head + 2 * cfg.kv_heads) * hd + D_ * D_ + 3 * D_ * cfg.ffn_hidden
-    return cfg.n_layer * per_layer + D_ * cfg.vocab_size
-
-
-def ar_train_flops(cfg: ARConfig, sequences: int, seq_len: Optional[int] = None,
-                   grad_checkpointing: bool = False) -> float:
-    """PaLM-style count per step: 6 x matmul params x tokens + attention 12 x layers x dim x T per token
-    (scores and values, forward + backward, the full T x T square as PaLM counts it). With activation
-    checkpointing the blocks' forward runs twice (8 instead of 6)."""
-    T = seq_len or cfg.block_size
-    mult = 8 if grad_checkpointing else 6
-    dense = mult * ar_matmul_params(cfg) * T
-    attn = (mult * 2) * cfg.n_layer * cfg.dim * T * T
-    return float((dense + attn) * sequences)
-
-
-# ====================================================================================== codes on disk
-
-class CodeSet:
-    """A directory written by `dar-fast extract-codes`: codes (M, A, N) int16/int32 memory-mapped, labels (M,)
-    int64 (-1 marks an image that could not be decoded), meta.json."""
-
-    def __init__(self, path: str):
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"code directory not found: {path} (write one with dar-fast extract-codes)")
-        mpath = os.path.join(path, META_NAME)
-        if not os.path.exists(mpath):
-            raise ValueError(f"{path} is not a finished code directory (no {META_NAME}); run dar-fast extract-codes")
-        try:
-            with open(mpath) as f:
-                self.meta = json.load(f)
-            self.codes = np.load(os.path.join(path, CODES_NAME), mmap_mode="r")
-            self.labels = np.load(os.path.join(path, LABELS_NAME))
-        except (OSError, ValueError) as e:
-            raise ValueError(f"cannot read the codes in {path}: {e}") from e
-        if self.codes.ndim != 3 or self.labels.shape != (self.codes.shape[0],):
-            raise ValueError(f"{path}: codes {self.codes.shape} / labels {self.labels.shape} are not (M, A, N) / (M,)")
-        self.path = path
-        self.valid = np.flatnonzero(self.labels >= 0)
-        if len(self.valid) == 0:
-            raise ValueError(f"{path} holds no usable codes")
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.codes.shape[2])
-
-    @property
-    def num_samples(self) -> int:
-        return int(len(self.valid))
-
-    def check(self, cfg: ARConfig) -> None:
-        m = self.meta
-        if self.num_tokens != cfg.block_size:
-            raise ValueError(f"codes have {self.num_tokens} tokens per image; the AR config expects block_size "
-                             f"{cfg.block_size} (choose a preset that matches the tokenizer)")
-        cb = int(m.get("codebook_size", 0))
-        if cb != cfg.vocab_size:
-            raise ValueError(f"codes come from a codebook of {cb}; the AR config has vocab_size {cfg.vocab_size}")
-        lo, hi = int(m.get("code_min", 0)), int(m.get("code_max", cb - 1))
-        if lo < 0 or hi >= cfg.vocab_size:
-            raise ValueError(f"codes out of range [{lo}, {hi}] for vocab_size {cfg.vocab_size}")
-        top = int(self.labels.max())
-        if top >= cfg.num_classes:
-            raise ValueError(f"labels go up to {top} but the AR config has num_classes {cfg.num_classes}")
-
-
-class CodesLoader:
-    """Endless, resumable batches (codes (B,N) int64, labels (B,) int64) of one rank.
-
-    Epoch e is a permutation of the usable rows (data.epoch_permutation(seed, e)); rank r takes positions
-    r::world of its first (n // (B*world)) * B*world entries; each row's augmentation (flip or not, when
-    extracted with --flip) is drawn per epoch from (seed, e). state_dict() = (epoch, index)."""
-
-    def __init__(self, cs: CodeSet, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 device="cpu"):
-        self.cs, self.batch_size, self.rank, self.world_size, self.seed = cs, int(batch_size), rank, world_size, seed
-        self.device = torch.device(device)
-        n, step = cs.num_samples, self.batch_size * world_size
-        if n < step:
-            raise ValueError(f"the code set has {n} samples, fewer than one global batch "
-                             f"({self.batch_size} x {world_size} ranks = {step}); lower --batch-size")
-        self.num_samples = n
-        self.per_rank = (n // step) * self.batch_size
-        self.steps_per_epoch = self.per_rank // self.batch_size
-        self.num_aug = int(cs.codes.shape[1])
-        self.epoch, self.index = 0, 0
-        self._cache_epoch, self._rows, self._augs = None, None, None
-
-    def _epoch_tables(self, epoch: int):
-        if self._cache_epoch != epoch:
-            from dar_fast.training.data import epoch_permutation
-            perm = epoch_permutation(self.seed, epoch, self.num_samples).numpy()
-            g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch * 7919 + 17) & ((1 << 63) - 1))
-            augs = torch.randint(self.num_aug, (self.num_samples,), generator=g).numpy()
-            mine = perm[self.rank::self.world_size][: self.per_rank]
-            self._rows, self._augs = self.cs.valid[mine], augs[mine]
-            self._cache_epoch = epoch
-        return self._rows, self._augs
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        rows, augs = self._epoch_tables(self.epoch)
-        sl = slice(self.index, self.index + self.batch_size)
-        r, a = rows[sl], augs[sl]
-        order = np.argsort(r, kind="stable")             # sequential reads from the memory map
-        codes = np.empty((len(r), self.cs.num_tokens), dtype=np.int64)
-        codes[order] = self.cs.codes[r[order], a[order]]
-        labels = self.cs.labels[r].astype(np.int64)
-        self.index += self.batch_size
-        if self.index >= self.per_rank:
-            self.epoch, self.index = self.epoch + 1, 0
-        nb = self.device.type == "cuda"
-        return (torch.from_numpy(codes).to(self.device, non_blocking=nb),
-                torch.from_numpy(labels).to(self.device, non_blocking=nb))
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "world_size": self.world_size,
-                "batch_size": self.batch_size, "num_samples": self.num_samples, "rank": self.rank}
-
-    def load_state_dict(self, sd: dict) -> None:
-        for k in ("seed", "world_size", "batch_size", "num_samples"):
-            if sd.get(k) != getattr(self, k):
-                raise ValueError(f"code loader state was saved with {k}={sd.get(k)!r}, this loader has "
-                                 f"{getattr(self, k)!r}: the sample order would not continue")
-        self.epoch, self.index = int(sd["epoch"]), int(sd["index"])
+# One FLOP model for sampling, benchmarks and MFU: dar_fast.perf
+from dar_fast.perf import ar_matmul_params, ar_train_flops  # noqa: E402,F401
 
 
 # ====================================================================================== trainer

@@ -34,13 +34,11 @@ import torch.nn as nn
 FSDP_AUTO_PARAMS = 600_000_000
 STRATEGIES = ("auto", "none", "ddp", "fsdp")
 
-# Dense bf16 tensor-core peaks (TFLOP/s, spec sheets) for MFU; matched as substrings of the device name, first
-# match wins. Override with DAR_FAST_PEAK_TFLOPS for other parts.
-PEAK_BF16_TFLOPS = [
-    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("H800", 989.0),
-    ("GH200", 989.0), ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("A10G", 125.0),
-    ("L4", 121.0), ("RTX 4090", 165.0), ("V100", 125.0),
-]
+# Dense bf16 tensor-core peaks (TFLOP/s, spec sheets) for MFU come from the one device table, dar_fast.perf.DEVICES;
+# override with DAR_FAST_PEAK_TFLOPS for other parts.
+from dar_fast import perf as _perf  # noqa: E402
+
+PEAK_BF16_TFLOPS = [(pat, d.bf16_tflops) for pat, d in _perf.DEVICES]
 
 
 # ====================================================================================== process group
@@ -226,16 +224,11 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
 
 def peak_flops(device: torch.device) -> Optional[float]:
     """Dense bf16 peak of one device in FLOP/s, or None (CPU, unknown GPU without DAR_FAST_PEAK_TFLOPS)."""
-    env = os.environ.get("DAR_FAST_PEAK_TFLOPS")
-    if env:
-        return float(env) * 1e12
+    if os.environ.get("DAR_FAST_PEAK_TFLOPS"):
+        return _perf.peak_bf16_flops("")
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for pat, tf in PEAK_BF16_TFLOPS:
-        if pat in name:
-            return tf * 1e12
-    return None
+    return _perf.peak_bf16_flops(torch.cuda.get_device_name(device))
 
 
 # ====================================================================================== rank-0 output

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from dar_fast.config import TokenizerConfig, tokenizer_config
+from dar_fast.config import tokenizer_config
 from dar_fast.models import Tokenizer
 from dar_fast.training import distributed as D
 from dar_fast.training.losses import TokenizerObjective
@@ -73,42 +73,8 @@ def init_tokenizer_weights_(tok: Tokenizer) -> Tokenizer:
 
 # ====================================================================================== FLOPs
 
-def tokenizer_forward_flops(cfg: TokenizerConfig, repa: bool = False) -> dict:
-    """Analytic forward FLOPs per image (2 per multiply-add) of the trained parts: encoder, causal decoder
-    layers and ONE pixel-DiT call. Matmuls plus attention scores/values over the pairs the masks allow.
-    Frozen LPIPS / DINOv2 and element-wise ops are not counted (MFU is therefore a lower bound)."""
-    H, W = cfg.image_size
-    De, Dd, dd = cfg.encoder_dim, cfg.decoder_dim, cfg.diff_decoder
-    pe, N, d = cfg.encoder_patch_size, cfg.num_all_queries, cfg.vq_dim
-    P = (H // pe) * (W // pe)
-    M = P + N
-    pairs_enc = P * P + N * P + N * (N + 1) // 2                 # patches see patches; queries: patches + causal
-    enc = 2 * P * 3 * pe * pe * De + cfg.num_encoder_layers * (2 * M * 12 * De * De + 4 * pairs_enc * De)
-    enc += 2 * N * De * d
-    dec = 2 * N * d * Dd + cfg.num_decoder_layers * (2 * N * 12 * Dd * Dd + 4 * (N * (N + 1) // 2) * Dd)
-    Dn, p, G = dd.dim, dd.patch_size, cfg.queries_per_step
-    T = (H // p) * (W // p)
-    blk = (2 * 2 * Dn * Dn                    # time embedding MLP (per image)
-           + 2 * G * 2 * Dn * Dn              # condition MLP
-           + 2 * T * 2 * Dn * Dn + 2 * G * 2 * Dn * Dn + 4 * T * G * Dn    # cross-attention (q, proj | k, v | scores)
-           + 2 * T * 6 * Dn * Dn              # adaLN modulation (per token)
-           + 2 * T * 4 * Dn * Dn + 4 * T * T * Dn                          # self-attention
-           + 2 * T * 8 * Dn * Dn)             # MLP
-    net = 2 * T * 3 * p * p * Dn * 2 + 2 * G * dd.cond_dim * Dn + dd.depth * blk
-    if repa:
-        g2 = dd.repa_grid ** 2
-        net += 2 * g2 * (Dn * dd.repa_hidden + dd.repa_hidden ** 2 + dd.repa_hidden * dd.repa_dim)
-    return {"encoder": enc, "decoder": dec, "diffusion": net, "dit_blocks": dd.depth * blk}
-
-
-def tokenizer_train_flops(cfg: TokenizerConfig, images: int, repa: bool = False,
-                          grad_checkpointing: bool = False) -> float:
-    """Forward + backward = 3 x forward; activation checkpointing re-runs the DiT blocks' forward once more."""
-    f = tokenizer_forward_flops(cfg, repa)
-    per = 3 * (f["encoder"] + f["decoder"] + f["diffusion"])
-    if grad_checkpointing:
-        per += f["dit_blocks"]
-    return float(per * images)
+# One FLOP model for sampling, benchmarks and MFU: dar_fast.perf
+from dar_fast.perf import tokenizer_forward_flops, tokenizer_train_flops  # noqa: E402,F401
 
 
 # ====================================================================================== frozen networks
