@@ -337,7 +337,7 @@ def run(args) -> int:
         bar.close()
         barrier()
         if rank == 0:
-            metrics = _gather_metrics(so)
+            metrics = _gather_metrics(so, regenerate=lambda k: so.write(k, **make(k)))
             if args.previews:       # before finish() removes the shards
                 _write_previews(so, tok, args, steps)
             so.finish(regenerate=lambda k: so.write(k, **make(k)), keep_shards=args.keep_shards,
@@ -351,12 +351,12 @@ def run(args) -> int:
     return 0
 
 
-def _gather_metrics(so: ShardedOutput) -> dict:
-    """Per-image PSNR / SSIM from every (verified) shard, their means, and the small-feature Frechet distance."""
+def _gather_metrics(so: ShardedOutput, regenerate) -> dict:
+    """Per-image PSNR / SSIM from every shard (a missing or failing one regenerated first, with a line saying
+    so), their means, and the small-feature Frechet distance."""
     from dar_fast.eval import image_metrics as M
-    bad = so.pending(range(so.num_shards))
-    if bad:
-        raise RuntimeError(f"{len(bad)} shard(s) missing after reconstruction (e.g. {so.shard_path(bad[0])})")
+    for k in so.pending(range(so.num_shards)):
+        regenerate(k)
     cols = {k: [] for k in ("psnr", "ssim", "ssim_released")}
     feats_r, feats_g = [], []
     for k in range(so.num_shards):

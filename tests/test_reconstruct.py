@@ -174,6 +174,21 @@ def test_kill_and_rerun_gives_the_same_file(setup, reference_run, tmp_path):
         assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
 
 
+def test_corrupted_shard_is_regenerated(setup, tmp_path, capsys):
+    out = tmp_path / "c.npz"
+    argv = _args(setup, out, extra=["--keep-shards", "--num-images", "6"])
+    assert _run(argv) == 0
+    first = {s: np.load(str(out)[:-4] + s)["arr_0"] for s in (".npz", "_gt.npz")}
+    for s in (".npz", "_gt.npz", ".json"):                 # as if killed before the assembly
+        os.remove(str(out)[:-4] + s)
+    (tmp_path / "c.npz.shards" / "shard_000001.npz").write_bytes(b"garbage")
+    capsys.readouterr()
+    assert _run(argv) == 0
+    assert "failed verification" in capsys.readouterr().err
+    for s, a in first.items():
+        assert np.array_equal(np.load(str(out)[:-4] + s)["arr_0"], a)
+
+
 def test_webdataset_tars_give_the_same_files(setup, reference_run, tmp_path):
     import tarfile
     d = setup[0]
