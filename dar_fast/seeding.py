@@ -6,15 +6,23 @@ drawn from the same generator keyed by (seed, sample id, element index), turned
 into a normal by fixed-sequence IEEE float64 math (`dar_fast.kernels.noise`):
 on the device where it is used (a Triton kernel on CUDA, the exact PyTorch
 reference on CPU), the same bits alone, in any batch, on any device.
+
+One seed-mixing rule for everything else (`key`): a 63-bit integer from the seed and the coordinates of a
+draw, chained through splitmix64. Sampling uses key(seed, sample id) (`noise_seed`, the FID's random
+classes); training uses key(seed, "<stream>", ...) with a named stream per use (data order, augmentation,
+the trainer's step noise), so no two uses of one seed share a key.
 """
 from __future__ import annotations
 
-from typing import Sequence, Tuple, Union
+import functools
+import hashlib
+from typing import List, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
 _M64 = (1 << 64) - 1
+_M63 = (1 << 63) - 1
 
 
 def splitmix64(x: int) -> int:
@@ -24,9 +32,38 @@ def splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
+@functools.lru_cache(maxsize=64)
+def _stream_id(name: str) -> int:
+    """A stream name as a 64-bit integer part (BLAKE2b of its UTF-8 bytes, little-endian)."""
+    return int.from_bytes(hashlib.blake2b(name.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def key(*parts: Union[int, str]) -> int:
+    """The project's one seed-mixing rule: integer parts (a seed, then counters such as a sample id, an epoch,
+    a data-set index, a rank) and stream names -> a 63-bit integer, fit for ``torch.Generator.manual_seed``.
+
+        h = splitmix64(p0 mod 2**64);  h = splitmix64(h ^ (p_i mod 2**64)) for each next part;  key = h mod 2**63
+
+    A str part counts as `_stream_id(name)`. Counter-based: a key depends on its parts only (no state, no
+    order of calls), so any process, worker or rank computes the same key for the same draw."""
+    if not parts:
+        raise TypeError("key() needs at least one part")
+    h = None
+    for p in parts:
+        v = _stream_id(p) if isinstance(p, str) else int(p) & _M64
+        h = splitmix64(v) if h is None else splitmix64(h ^ v)
+    return h & _M63
+
+
+def uniforms(n: int, *parts: Union[int, str]) -> List[float]:
+    """``n`` floats in [0, 1) of the draw ``key(*parts)``: u_i = top 53 bits of splitmix64(key + i) / 2**53."""
+    base = key(*parts)
+    return [(splitmix64((base + i) & _M64) >> 11) * (1.0 / (1 << 53)) for i in range(n)]
+
+
 def noise_seed(seed: int, sample_id: int) -> int:
-    """63-bit generator seed for the pixel noise of key (seed, sample id)."""
-    return splitmix64(splitmix64(int(seed) & _M64) ^ (int(sample_id) & _M64)) & ((1 << 63) - 1)
+    """63-bit generator seed for the pixel noise of key (seed, sample id): ``key(seed, sample_id)``."""
+    return key(seed, sample_id)
 
 
 def sample_noise(seeds: torch.Tensor, sample_ids: torch.Tensor, shape: Sequence[int], device=None) -> torch.Tensor:

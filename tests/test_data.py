@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from dar_fast.training import data as D
+from dar_fast.training.data import dali as dali_backend
 from dar_fast.training.data import (ArraySource, digits_split, load_digits_arrays, make_loader,
                                     make_ordered_loader, plan_crop, apply_plan, split_global_batch)
 
@@ -316,7 +317,7 @@ def test_broken_dali_setup_fails_loudly(tmp_path, monkeypatch):
             self.inflight.append((next(self.stream), None))
             raise RuntimeError("nvjpeg: no device")
 
-    monkeypatch.setattr(D, "_dali_pipeline", lambda stream, inflight, *a: (Broken(stream, inflight), []))
+    monkeypatch.setattr(dali_backend, "_dali_pipeline", lambda stream, inflight, *a: (Broken(stream, inflight), []))
     with pytest.raises(RuntimeError, match="fails on images that PIL decodes.*nvjpeg: no device"):
         next(make_loader(str(tmp_path), S, 2, loader="dali"))
 
@@ -637,7 +638,7 @@ def test_error_cases(folder, tmp_path, monkeypatch):
 
     def denied(path):
         raise PermissionError(13, "Permission denied")
-    monkeypatch.setattr(D.os, "scandir", denied)
+    monkeypatch.setattr(os, "scandir", denied)
     with pytest.raises(PermissionError, match="cannot read data directory"):
         make_loader(folder, S, 2, loader="torch")
 
@@ -652,7 +653,7 @@ def _empty_tar(tmp_path):
 
 
 def test_dali_missing_names_the_package(folder, monkeypatch):
-    monkeypatch.setattr(D, "dali_available", lambda: False)
+    monkeypatch.setattr(dali_backend, "dali_available", lambda: False)
     with pytest.raises(ImportError, match=D.DALI_PIP_PACKAGE):
         make_loader(folder, S, 2, loader="dali")
     assert make_loader(folder, S, 2, loader="auto").backend == "torch"

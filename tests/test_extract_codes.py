@@ -11,7 +11,7 @@ from PIL import Image
 from dar_fast.api import save_tokenizer
 from dar_fast.cli import main
 from dar_fast.config import ARConfig
-from dar_fast.training.ar_train import CodeSet
+from dar_fast.training.data import CodeSet
 from dar_fast.training.data import (DALI_PIP_PACKAGE, ArraySource, apply_plan, dali_available,
                                     make_ordered_loader, open_source, plan_crop)
 from dar_fast.training.extract_codes import code_dtype, extract_codes

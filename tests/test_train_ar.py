@@ -9,8 +9,8 @@ from dar_fast.api import load_ar
 from dar_fast.cli import build_parser, main
 from dar_fast.config import ARConfig
 from dar_fast.models import ARModel
-from dar_fast.training.ar_train import (ARTrainer, CodeSet, CodesLoader, ar_matmul_params, ar_train_flops,
-                                        init_ar_weights_)
+from dar_fast.training.ar_train import ARTrainer, ar_matmul_params, ar_train_flops, init_ar_weights_
+from dar_fast.training.data import CodeSet, CodesLoader
 from dar_fast.training.distributed import DistEnv
 from dar_fast.training.extract_codes import FORMAT
 from dar_fast.training.loop import lr_at, read_metrics
