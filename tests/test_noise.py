@@ -121,3 +121,17 @@ def test_gpu_bit_identical_to_cpu(monkeypatch):
     assert gpu.is_cuda
     assert torch.equal(gpu.cpu(), sample_noise(seeds, ids, (3, 256, 256)))
     assert torch.equal(sample_noise(seeds[1:2], ids[1:2], (3, 256, 256), device="cuda")[0], gpu[1])
+
+
+def test_philox_is_the_token_samplers():
+    """The noise's Philox (numpy uint64) equals the token sampler's reference Philox4x32-10 on random
+    counters and keys (whose own test pins it to Random123)."""
+    import numpy as np
+    from dar_fast.kernels.noise import philox_np
+    from dar_fast.kernels.sample_tokens import philox4x32_10
+    c0 = torch.randint(0, 2 ** 32, (257,))
+    c1, c2, c3, k0, k1 = torch.randint(0, 2 ** 32, (5,)).tolist()
+    ref = philox4x32_10(torch.stack([c0, torch.full_like(c0, c1), torch.full_like(c0, c2), torch.full_like(c0, c3)], 1),
+                        torch.tensor([k0, k1]))
+    got = philox_np(c0.numpy().astype(np.uint64), c1, c2, c3, k0, k1)
+    assert torch.equal(torch.from_numpy(np.stack(got, 1).astype(np.int64)), ref)
