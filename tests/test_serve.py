@@ -272,6 +272,25 @@ def test_disconnect_mid_stream_frees_rows(server, monkeypatch):
     assert httpx.post(url + "/v1/generate", json={"labels": [3]}, timeout=60).status_code == 200
 
 
+def test_client_gone_from_plain_generate_frees_rows(server, monkeypatch):
+    url, batcher = server
+    advance = batcher._advance
+
+    def slow_advance(c):
+        advance(c)
+        time.sleep(0.3)
+
+    monkeypatch.setattr(batcher, "_advance", slow_advance)
+    steps0 = batcher.steps
+    with pytest.raises(httpx.ReadTimeout):               # the client gives up after 0.4 s and hangs up
+        httpx.post(url + "/v1/generate", json={"labels": [2] * 5, "seed": 3}, timeout=0.4)
+    deadline = time.monotonic() + 10
+    while httpx.get(url + "/health").json()["running"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert httpx.get(url + "/health").json()["running"] == 0
+    assert batcher.steps - steps0 < 4
+
+
 def test_queue_limit_answers_503_with_retry_after(server):
     url, batcher = server
     gate, entered = threading.Event(), threading.Event()
