@@ -359,10 +359,11 @@ class ShardedOutput:
             for p in list(self.outputs) + [manifest_path(self.out)]:
                 remove_stale_temps(parent, os.path.basename(p))
             if self.finished():
-                if os.path.isdir(self.dir):          # kept shards stay; leftovers of killed writes go
-                    self._remove_strays()
-                    with suppress(OSError):
-                        os.rmdir(self.dir)           # only if nothing is left in it
+                if os.path.isdir(self.dir):
+                    if (read_manifest(self.out) or {}).get("shards_kept"):
+                        self._remove_strays()        # kept shards stay; leftovers of killed writes go
+                    else:                            # killed between the manifest and the clean-up: finish it
+                        shutil.rmtree(self.dir, ignore_errors=True)
                 self.lock.release(remove=True)
                 return True
             self._check_overwrite()
@@ -492,7 +493,7 @@ class ShardedOutput:
             hashes = assemble_npz(p, spec)
             records[os.path.basename(p)] = _file_record(p, hashes)
         manifest = dict(format=MANIFEST_FORMAT, settings=self.settings, num_items=self.num_items,
-                        outputs=records, versions=_versions(),
+                        outputs=records, shards_kept=bool(keep_shards), versions=_versions(),
                         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                         **(extra or {}))
         write_json_atomic(manifest_path(self.out), manifest)

@@ -247,3 +247,26 @@ def test_lock_excludes_a_second_run(tmp_path):
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
     assert _run(_so(tmp_path))["num_items"] == 11       # the holder died: its lock went with it
+
+
+def test_kill_after_manifest_before_cleanup_is_finished_on_rerun(tmp_path):
+    so = _so(tmp_path)
+    assert not so.begin()
+    for k in range(so.num_shards):
+        s, e = so.index_range(k)
+        so.write(k, **_arrays(s, e - s))
+    so.finish(keep_shards=True)
+    m = read_manifest(so.out)
+    m["shards_kept"] = False                  # as if killed after the manifest, before the shards were removed
+    json.dump(m, open(manifest_path(so.out), "w"))
+    assert _run(_so(tmp_path)) == "done"
+    assert not os.path.exists(so.dir)
+    out = str(tmp_path / "k.npz")                      # --keep-shards results keep their shards on a rerun
+    keep = ShardedOutput(out, {"a": 1}, num_items=5, shard_size=2, fields=FIELDS, log=lambda m: None)
+    assert not keep.begin()
+    for k in range(keep.num_shards):
+        s, e = keep.index_range(k)
+        keep.write(k, **_arrays(s, e - s))
+    keep.finish(keep_shards=True)
+    again = ShardedOutput(out, {"a": 1}, num_items=5, shard_size=2, fields=FIELDS, log=lambda m: None)
+    assert again.begin() and len(os.listdir(keep.dir)) == 4   # 3 shards + the shard-dir manifest
