@@ -18,10 +18,10 @@ other settings is refused unless --overwrite. `<out>.lock` keeps two runs from w
 """
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import time
-
 import numpy as np
 import torch
 
@@ -220,6 +220,12 @@ def run(args) -> int:
                       keep_shards=args.keep_shards)
             print(f"wrote {args.out} and {manifest_path(args.out)}: {N} samples, {time.time() - t0:.1f}s")
         barrier()
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            # atomic writes: nothing half-written is left under a final name, finished shards are kept
+            raise UsageError(f"cannot write {e.filename or args.out}: {e.strerror}; the finished shards are kept: "
+                             "free some space and rerun the same command to continue") from None
+        raise
     finally:
         so.close()
         shutdown()
