@@ -245,3 +245,26 @@ def test_kill9_of_cli_processes_then_rerun_is_byte_identical(ckpts, tmp_path):
     assert r.returncode == 0, (seed, outcomes, r.stderr[-2000:])
     assert open(full, "rb").read() == open(killed, "rb").read(), (seed, outcomes)
     assert -9 in outcomes, f"no process was killed (seed {seed}, exit codes {outcomes})"
+
+
+def test_full_disk_is_one_line_and_resumable(ckpts, tmp_path, monkeypatch, capsys):
+    import errno
+
+    from dar_fast import shards as S
+    ref, out = tmp_path / "ref.npz", tmp_path / "s.npz"
+    assert _run(_args(ckpts, ref)) == 0
+    real, calls = S.write_shard, []
+
+    def full_disk(path, start, arrays):
+        calls.append(start)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        return real(path, start, arrays)
+    monkeypatch.setattr(S, "write_shard", full_disk)
+    capsys.readouterr()
+    assert _run(_args(ckpts, out)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "No space left on device" in err[-1] and "rerun the same command" in err[-1] and not out.exists()
+    monkeypatch.setattr(S, "write_shard", real)
+    assert _run(_args(ckpts, out)) == 0
+    assert open(ref, "rb").read() == open(out, "rb").read()
