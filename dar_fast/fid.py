@@ -22,6 +22,7 @@ import errno
 import os
 import sys
 import time
+
 import numpy as np
 import torch
 
