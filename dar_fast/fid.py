@@ -84,8 +84,8 @@ def _parse_cfg(s):
 def class_of(i: int, seed: int, num_classes: int, random_classes: bool) -> int:
     if not random_classes:
         return i % num_classes
-    from dar_fast.seeding import noise_seed
-    g = torch.Generator().manual_seed(noise_seed(seed ^ 0x5DEECE66D, i))
+    from dar_fast.seeding import key
+    g = torch.Generator().manual_seed(key(seed ^ 0x5DEECE66D, i))      # its own stream beside the noise keys
     return int(torch.randint(num_classes, (1,), generator=g))
 
 

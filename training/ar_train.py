@@ -134,12 +134,6 @@ class ARTrainer(Trainer):
         return dict(model=self.cfg.to_dict(), global_batch=self.global_batch, world_size=self.env.world_size,
                     seed=int(self.args.seed), code_samples=self.codeset.num_samples)
 
-    def export(self, model_sd, path: str) -> None:
-        from dar_fast.api import save_ar
-        ar = ARModel(self.cfg)
-        ar.load_state_dict(model_sd, strict=True)
-        save_ar(ar, path)
-
 
 def _fused(device, strategy) -> dict:
     # fused AdamW on plain CUDA tensors; the foreach default for FSDP2's DTensor shards and on CPU

@@ -35,37 +35,49 @@ def run(args) -> int:
     return 0
 
 
-def model_weights(ck: dict, weights: str = "auto") -> Tuple[dict, str]:
-    """A loaded training checkpoint -> (the model's state dict, "ema" or "model")."""
+def model_weights(ck: dict, weights: str = "auto") -> Tuple[dict, Optional[dict], str]:
+    """A loaded training checkpoint -> (the model's state dict, the EMA by parameter name or None, "ema" or
+    "model")."""
     sd = {k[len("model."):]: v for k, v in ck["model"].items() if k.startswith("model.")}
     ema = ck.get("ema")
     if weights == "ema" and not ema:
         raise UsageError("this run kept no EMA (--ema 0): use --weights model")
     if weights == "model" or not ema:
-        return sd, "model"
-    missing = [n for n in ema if n not in sd]
-    if missing:
-        raise UsageError(f"checkpoint EMA names parameters the model lacks: {missing[:6]}")
-    for n, t in ema.items():
-        sd[n] = t.to(sd[n].dtype)
-    return sd, "ema"
+        return sd, None, "model"
+    return sd, ema, "ema"
 
 
-def save_model(kind: str, model_config: dict, sd: dict, path: str) -> None:
-    """Build the model of `kind` from its config dict, load `sd` strictly, write it as our safetensors."""
-    from dar_fast.api import save_ar, save_tokenizer
+def build_model(kind: str, model_config: dict, sd: dict, ema: Optional[dict] = None):
+    """The model of `kind` built from its config dict, `sd` loaded strictly, and the EMA weights (by parameter
+    name: a state dict may store a parameter under other keys, e.g. the AR's merged w13 as w1/w3) put in place
+    of the parameters. Training's own export goes through here too."""
+    import torch
+
     from dar_fast.config import ar_config, tokenizer_config
     from dar_fast.models import ARModel, Tokenizer
     if kind == "tokenizer":
         model = Tokenizer(tokenizer_config(dict(model_config)))
-        model.load_state_dict(sd, strict=True)
-        save_tokenizer(model, path)
     elif kind == "ar":
         model = ARModel(ar_config(dict(model_config)))
-        model.load_state_dict(sd, strict=True)
-        save_ar(model, path)
     else:
         raise UsageError(f"unknown checkpoint kind {kind!r}")
+    model.load_state_dict(sd, strict=True)
+    if ema:
+        params = dict(model.named_parameters())
+        missing = [n for n in ema if n not in params]
+        if missing:
+            raise UsageError(f"checkpoint EMA names parameters the model lacks: {missing[:6]}")
+        with torch.no_grad():
+            for n, t in ema.items():
+                params[n].copy_(t.to(params[n].dtype))
+    return model
+
+
+def save_model(model, path: str) -> None:
+    """Write a tokenizer or AR model as our safetensors (config inside)."""
+    from dar_fast.api import save_ar, save_tokenizer
+    from dar_fast.models import ARModel
+    (save_ar if isinstance(model, ARModel) else save_tokenizer)(model, path)
 
 
 def export_run(run: str, weights: str = "auto", out: Optional[str] = None,
@@ -84,6 +96,6 @@ def export_run(run: str, weights: str = "auto", out: Optional[str] = None,
     model_config = (ck.get("fingerprint") or {}).get("model")
     if not isinstance(model_config, dict):
         raise UsageError(f"{path} records no model config")
-    sd, which = model_weights(ck, weights)
-    save_model(ck.get("kind"), model_config, sd, out)
+    sd, ema, which = model_weights(ck, weights)
+    save_model(build_model(ck.get("kind"), model_config, sd, ema), out)
     return out, int(ck.get("step", 0)), which

@@ -11,7 +11,8 @@ the data stream and the FLOP count; `Trainer.run` does the rest:
     at the end: final.safetensors with the EMA weights (config inside: dar_fast.load_tokenizer / load_ar open it)
 
 Randomness a step draws itself (flow noise and times, class dropout) comes from the trainer's own generator
-(seeded by seed and rank); dropout layers use the global torch RNG; the data loaders carry their own position.
+(seeded by ``seeding.key(seed, "trainer", rank)``); dropout layers use the global torch RNG; the data loaders
+carry their own position.
 All of it is saved, so on CPU in float32 "10 steps" and "5 steps, then --resume to 10" give bit-identical losses.
 """
 from __future__ import annotations
@@ -28,8 +29,10 @@ import torch
 import torch.nn as nn
 
 from dar_fast.errors import UsageError
+from dar_fast.seeding import key
 from dar_fast.training import checkpointing as ckpt_io
 from dar_fast.training import distributed as D
+from dar_fast.training import export as export_io
 
 METRICS_NAME = "metrics.jsonl"
 FINAL_NAME = "final.safetensors"
@@ -186,7 +189,7 @@ class Trainer:
         self.micro_batch = self.rank_batch // self.accum
         self.out = args.out
         self.generator = torch.Generator(device=self.device)
-        self.generator.manual_seed(_rank_seed(int(args.seed), env.rank))
+        self.generator.manual_seed(key(int(args.seed), "trainer", env.rank))
 
     # ---------------------------------------------------------------- hooks
     def build_model(self) -> nn.Module:
@@ -223,10 +226,13 @@ class Trainer:
         return None
 
     def fingerprint(self) -> dict:
+        """What a resumed run must share with this one; ``["model"]`` is the model's config dict (the export
+        builds the model from it)."""
         raise NotImplementedError
 
-    def export(self, model_sd: Dict[str, torch.Tensor], path: str) -> None:
-        raise NotImplementedError
+    def export(self, model: nn.Module, path: str) -> None:
+        """Write the trained model (EMA weights in place) to ``path``; rank 0 only."""
+        export_io.save_model(model, path)
 
     def describe(self) -> str:
         return ""
@@ -291,9 +297,8 @@ class Trainer:
         final = os.path.join(self.out, FINAL_NAME)
         if start == self.steps and not os.path.exists(final):
             # killed (or out of disk) after the last checkpoint but before the export: finish the export now
-            model_sd = self._export_state(objective, ema)
+            self._export(objective, ema, final)
             if env.is_main:
-                self.export(model_sd, final)
                 if not getattr(args, "quiet", False):
                     print(f"train-{self.kind}: the run was already at step {start}; wrote the missing {final}",
                           file=sys.stderr, flush=True)
@@ -387,24 +392,21 @@ class Trainer:
                 saved_at = step
                 t0 = time.perf_counter()
         assert saved_at == self.steps
-        model_sd = self._export_state(objective, ema)
-        if env.is_main:
-            self.export(model_sd, final)
+        self._export(objective, ema, final)
         D.barrier(env)
         log.info(f"train-{self.kind}: done at step {self.steps}; wrote {final}")
         log.close()
         return last_rec
 
     # ---------------------------------------------------------------- state
-    def _export_state(self, objective: nn.Module, ema: EMA) -> Dict[str, torch.Tensor]:
-        """The model's state dict with the EMA in place of the trainable parameters (collective under FSDP2)."""
+    def _export(self, objective: nn.Module, ema: EMA, path: str) -> None:
+        """Write ``path``: the model with the EMA in place of the trainable parameters (collective under FSDP2:
+        every rank calls it, rank 0 writes)."""
         sd = ckpt_io.model_state_dict(objective, "fsdp" if self.strategy == "fsdp" else "none")
         full = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
         shadow = ema.state_dict(keep=self.env.is_main)
         if self.env.is_main:
-            for n, t in shadow.items():
-                full[n] = t.to(full[n].dtype)
-        return full
+            self.export(export_io.build_model(self.kind, self.fingerprint()["model"], full, shadow), path)
 
     def _save(self, step, objective, optimizer, ema, data) -> None:
         env = self.env
@@ -457,9 +459,3 @@ class Trainer:
         data.load_state_dict(small["loader"][env.rank])
         ckpt_io.set_rng_state(small["rng"][env.rank], self.device, self.generator)
         return int(small["step"])
-
-
-def _rank_seed(seed: int, rank: int) -> int:
-    x = (seed * 0x9E3779B97F4A7C15 + rank * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) & ((1 << 64) - 1)
-    x ^= x >> 31
-    return x & ((1 << 63) - 1)

@@ -205,14 +205,6 @@ class TokenizerTrainer(Trainer):
         return dict(model=_model_fingerprint(self.cfg), global_batch=self.global_batch,
                     world_size=self.env.world_size, seed=int(self.args.seed))
 
-    def export(self, model_sd, path: str) -> None:
-        from dar_fast.api import save_tokenizer
-        cfg = dataclasses.replace(self.cfg, diff_decoder=dataclasses.replace(self.cfg.diff_decoder,
-                                                                           grad_checkpointing=False))
-        tok = Tokenizer(cfg)
-        tok.load_state_dict(model_sd, strict=True)
-        save_tokenizer(tok, path)
-
 
 def _fused(device, strategy) -> dict:
     # fused AdamW on plain CUDA tensors; the foreach default for FSDP2's DTensor shards and on CPU
