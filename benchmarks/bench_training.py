@@ -31,11 +31,11 @@ from _common import bench, common_args, default_out, device_info, resolve_device
 
 from dar_fast.config import ar_config, tokenizer_config  # noqa: E402
 from dar_fast.models import ARModel, Tokenizer  # noqa: E402
-from dar_fast.training.ar_train import ar_train_flops, init_ar_weights_  # noqa: E402
+from dar_fast.training.ar_train import ar_train_flops  # noqa: E402
 from dar_fast.training.distributed import peak_flops  # noqa: E402
 from dar_fast.training.loop import EMA  # noqa: E402
 from dar_fast.training.losses import ARObjective, TokenizerObjective  # noqa: E402
-from dar_fast.training.tokenizer_train import init_tokenizer_weights_, tokenizer_train_flops  # noqa: E402
+from dar_fast.training.tokenizer_train import tokenizer_train_flops  # noqa: E402
 
 # kind:preset:per-device batch
 GPU_CASES = ["tokenizer:tokenizer-tiny:256", "tokenizer:tokenizer_v1:32", "ar:ar-tiny:256", "ar:D-AR-B:64",
@@ -54,7 +54,7 @@ def build_step(kind: str, preset: str, batch: int, device, grad_ckpt: bool, comp
         cfg = tokenizer_config(preset)
         if grad_ckpt:
             cfg = dataclasses.replace(cfg, diff_decoder=dataclasses.replace(cfg.diff_decoder, grad_checkpointing=True))
-        model = init_tokenizer_weights_(Tokenizer(cfg))
+        model = Tokenizer(cfg).initialize_weights()
         if model.net.repa_out is not None:
             model.net.repa_out.requires_grad_(False)
         if compile_:
@@ -73,7 +73,7 @@ def build_step(kind: str, preset: str, batch: int, device, grad_ckpt: bool, comp
         lr = 2e-4
     else:
         cfg = ar_config(preset)
-        model = init_ar_weights_(ARModel(cfg))
+        model = ARModel(cfg).initialize_weights()
         if compile_:
             for layer in model.layers:
                 layer.compile()

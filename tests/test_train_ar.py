@@ -9,7 +9,7 @@ from dar_fast.api import load_ar
 from dar_fast.cli import build_parser, main
 from dar_fast.config import ARConfig
 from dar_fast.models import ARModel
-from dar_fast.training.ar_train import ARTrainer, ar_matmul_params, ar_train_flops, init_ar_weights_
+from dar_fast.training.ar_train import ARTrainer, ar_matmul_params, ar_train_flops
 from dar_fast.training.data import CodeSet, CodesLoader
 from dar_fast.training.distributed import DistEnv
 from dar_fast.training.extract_codes import FORMAT
@@ -122,7 +122,7 @@ def test_class_dropout_and_init(ar_cfg_file, fixed_codes, tmp_path):
     assert 0.09 < null.float().mean() < 0.11                         # 10% replaced by the null class
     assert torch.equal(got[~null], labels[~null])
     torch.manual_seed(0)
-    ar = init_ar_weights_(ARModel(ARConfig(**AR)))
+    ar = ARModel(ARConfig(**AR)).initialize_weights()
     assert ar.output.weight.abs().sum() == 0
     assert 0.015 < ar.tok_embeddings.weight.std() < 0.025
 

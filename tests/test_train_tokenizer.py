@@ -14,8 +14,7 @@ from dar_fast.training.data import ArraySource, load_digits_arrays
 from dar_fast.training.losses import (TokenizerObjective, causal_group_mask, gather_group, quantize_st,
                                       vq_losses)
 from dar_fast.training.loop import read_metrics
-from dar_fast.training.tokenizer_train import (init_tokenizer_weights_, tokenizer_forward_flops,
-                                               tokenizer_train_flops, train_tokenizer)
+from dar_fast.training.tokenizer_train import tokenizer_forward_flops, tokenizer_train_flops, train_tokenizer
 
 from helpers import tiny_tokenizer, tiny_tokenizer_config
 
@@ -142,7 +141,7 @@ def test_lpips_and_repa_terms_enter_with_their_weights():
 def test_init_and_flops():
     torch.manual_seed(0)
     from dar_fast.models import Tokenizer
-    tok = init_tokenizer_weights_(Tokenizer(tiny_tokenizer_config()))
+    tok = Tokenizer(tiny_tokenizer_config()).initialize_weights()
     assert tok.net.conv_out.weight.abs().sum() == 0                   # v = 0 at the start
     assert torch.allclose(tok.quantize.embedding.weight.norm(dim=-1), torch.ones(32), atol=1e-5)
     f = tokenizer_forward_flops(tok.cfg)

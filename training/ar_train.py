@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from dar_fast.config import ARConfig, ar_config
+from dar_fast.config import ar_config
 from dar_fast.models import ARModel
 from dar_fast.training import distributed as D
 from dar_fast.training.data import CodeSet, CodesLoader
@@ -25,24 +25,6 @@ from dar_fast.training.loop import Trainer, lr_at
 
 DEFAULTS = dict(lr=4e-4, betas=(0.9, 0.95), weight_decay=0.05, warmup=0, grad_clip=1.0, ema=0.999,
                 class_dropout=0.1, lr_final=1e-5, lr_decay_frac=1 / 6)
-
-
-# ====================================================================================== init
-
-@torch.no_grad()
-def init_ar_weights_(ar: ARModel) -> ARModel:
-    """LlamaGen initialisation: Linear and Embedding weights normal(0, initializer_range), zero biases, the
-    output projection zeroed (the model starts at the uniform distribution). Global torch RNG."""
-    std = ar.cfg.initializer_range
-    for m in ar.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, std=std)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Embedding):
-            nn.init.normal_(m.weight, std=std)
-    nn.init.zeros_(ar.output.weight)
-    return ar
 
 
 # ====================================================================================== FLOPs
@@ -81,7 +63,7 @@ class ARTrainer(Trainer):
                 f"{self.cfg.vocab_size}) on {self.codeset.num_samples} coded images x {self.codeset.codes.shape[1]} aug")
 
     def build_model(self) -> ARModel:
-        ar = init_ar_weights_(ARModel(self.cfg))
+        ar = ARModel(self.cfg).initialize_weights()
         if getattr(self.args, "init", None):
             from dar_fast.api import load_ar
             ar.load_state_dict(load_ar(self.args.init).state_dict(), strict=True)

@@ -38,39 +38,6 @@ def preset_default(preset: str, key: str):
     return DEFAULTS[key]
 
 
-# ====================================================================================== init
-
-@torch.no_grad()
-def init_tokenizer_weights_(tok: Tokenizer) -> Tokenizer:
-    """Initialisation for training from scratch, following the released code: truncated-normal(0.02) Linear
-    weights with zero biases, zeroed adaLN output layers and velocity output (every DiT block starts as the
-    identity and the net predicts v = 0), zero residual gates (already so), low-rank query table with std 1,
-    codebook rows uniform(-1/n, 1/n) then l2-normalised. Uses the global torch RNG (seed it first)."""
-    for m in tok.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-    for blk in tok.net.blocks:
-        nn.init.zeros_(blk.adaLN_modulation[-1].weight)
-        nn.init.zeros_(blk.adaLN_modulation[-1].bias)
-    if tok.net.conv_out is not None:
-        nn.init.zeros_(tok.net.conv_out.weight)
-        nn.init.zeros_(tok.net.conv_out.bias)
-    else:                                    # mlp_head: the released FinalLayer zeroes its Linear and modulation
-        for lin in (tok.net.linear_out.linear, tok.net.linear_out.adaLN_modulation[-1]):
-            nn.init.zeros_(lin.weight)
-            nn.init.zeros_(lin.bias)
-    nn.init.trunc_normal_(tok.query_embedding.weight, std=1.0 if tok.cfg.query_low_rank else 0.02)
-    nn.init.trunc_normal_(tok.decoder_embedding.weight, std=0.02)
-    if tok.cfg.vq_enable:
-        n = tok.cfg.vq_codebook_size
-        w = tok.quantize.embedding.weight
-        w.uniform_(-1.0 / n, 1.0 / n)
-        w.copy_(torch.nn.functional.normalize(w, dim=-1))
-    return tok
-
-
 # ====================================================================================== FLOPs
 
 # One FLOP model for sampling, benchmarks and MFU: dar_fast.perf
@@ -145,7 +112,7 @@ class TokenizerTrainer(Trainer):
                 f"{self.cfg.num_all_queries} tokens), lpips {self.lpips_weight}, repa {self.repa_weight}")
 
     def build_model(self) -> Tokenizer:
-        tok = init_tokenizer_weights_(Tokenizer(self.cfg))
+        tok = Tokenizer(self.cfg).initialize_weights()
         if getattr(self.args, "init", None):
             from dar_fast.api import load_tokenizer
             src = load_tokenizer(self.args.init)

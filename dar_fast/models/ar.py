@@ -191,6 +191,22 @@ class ARModel(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    @torch.no_grad()
+    def initialize_weights(self) -> "ARModel":
+        """Initialisation for training from scratch (LlamaGen's): Linear and Embedding weights
+        normal(0, initializer_range), zero biases, the output projection zeroed (the model starts at the uniform
+        distribution). Uses the global torch RNG (seed it first); returns self."""
+        std = self.cfg.initializer_range
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, std=std)
+        nn.init.zeros_(self.output.weight)
+        return self
+
     # ------------------------------------------------------------------ checks
     def check_labels(self, labels: torch.Tensor, allow_null: bool = True):
         hi = self.num_classes if allow_null else self.num_classes - 1

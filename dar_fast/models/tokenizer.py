@@ -103,6 +103,38 @@ class Tokenizer(nn.Module):
     def device(self):
         return self.patchify.weight.device
 
+    @torch.no_grad()
+    def initialize_weights(self) -> "Tokenizer":
+        """Initialisation for training from scratch, following the released code: truncated-normal(0.02)
+        Linear weights with zero biases, zeroed adaLN output layers and velocity output (every DiT block starts
+        as the identity and the net predicts v = 0), zero residual gates (already so), low-rank query table
+        with std 1, codebook rows uniform(-1/n, 1/n) then l2-normalised. Uses the global torch RNG (seed it
+        first); returns self."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        net = self.net
+        for blk in net.blocks:
+            nn.init.zeros_(blk.adaLN_modulation[-1].weight)
+            nn.init.zeros_(blk.adaLN_modulation[-1].bias)
+        if net.conv_out is not None:
+            nn.init.zeros_(net.conv_out.weight)
+            nn.init.zeros_(net.conv_out.bias)
+        else:                                    # mlp_head: the released FinalLayer zeroes its Linear and modulation
+            for lin in (net.linear_out.linear, net.linear_out.adaLN_modulation[-1]):
+                nn.init.zeros_(lin.weight)
+                nn.init.zeros_(lin.bias)
+        nn.init.trunc_normal_(self.query_embedding.weight, std=1.0 if self.cfg.query_low_rank else 0.02)
+        nn.init.trunc_normal_(self.decoder_embedding.weight, std=0.02)
+        if self.cfg.vq_enable:
+            n = self.cfg.vq_codebook_size
+            w = self.quantize.embedding.weight
+            w.uniform_(-1.0 / n, 1.0 / n)
+            w.copy_(F.normalize(w, dim=-1))
+        return self
+
     @property
     def dtype(self):
         return self.patchify.weight.dtype
