@@ -32,8 +32,9 @@ from _common import bench, common_args, default_out, device_info, resolve_device
 from dar_fast.config import ar_config, tokenizer_config  # noqa: E402
 from dar_fast.models import ARModel, Tokenizer  # noqa: E402
 from dar_fast.training.ar_train import ar_train_flops  # noqa: E402
-from dar_fast.training.distributed import peak_flops  # noqa: E402
+from dar_fast.training.distributed import DistEnv, peak_flops  # noqa: E402
 from dar_fast.training.loop import EMA  # noqa: E402
+from dar_fast.training.parallelize import parallelize  # noqa: E402
 from dar_fast.training.losses import ARObjective, TokenizerObjective  # noqa: E402
 from dar_fast.training.tokenizer_train import tokenizer_train_flops  # noqa: E402
 
@@ -50,17 +51,12 @@ def build_step(kind: str, preset: str, batch: int, device, grad_ckpt: bool, comp
     g = torch.Generator(device=device).manual_seed(0)
     torch.manual_seed(0)
     if kind == "tokenizer":
-        import dataclasses
         cfg = tokenizer_config(preset)
-        if grad_ckpt:
-            cfg = dataclasses.replace(cfg, diff_decoder=dataclasses.replace(cfg.diff_decoder, grad_checkpointing=True))
         model = Tokenizer(cfg).initialize_weights()
         if model.net.repa_out is not None:
             model.net.repa_out.requires_grad_(False)
-        if compile_:
-            for blk in model.net.blocks:
-                blk.compile()
         obj = TokenizerObjective(model).to(device).train()
+        compute = [model.net.blocks]                     # as train-tokenizer: the DiT blocks
         S = cfg.image_size[0]
         images = torch.rand(batch, 3, S, S, generator=g, device=device) * 2 - 1
 
@@ -74,10 +70,8 @@ def build_step(kind: str, preset: str, batch: int, device, grad_ckpt: bool, comp
     else:
         cfg = ar_config(preset)
         model = ARModel(cfg).initialize_weights()
-        if compile_:
-            for layer in model.layers:
-                layer.compile()
-        obj = ARObjective(model, grad_checkpointing=grad_ckpt).to(device).train()
+        obj = ARObjective(model).to(device).train()
+        compute = [model.layers]
         codes = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), generator=g, device=device)
         labels = torch.randint(0, cfg.num_classes, (batch,), generator=g, device=device)
 
@@ -89,6 +83,8 @@ def build_step(kind: str, preset: str, batch: int, device, grad_ckpt: bool, comp
         groups = [{"params": [p for p in ps if p.dim() >= 2], "weight_decay": 0.05},
                   {"params": [p for p in ps if p.dim() < 2], "weight_decay": 0.0}]
         lr = 4e-4
+    parallelize(obj, DistEnv(device=device), compute_blocks=compute, activation_checkpointing=grad_ckpt,
+                compile=compile_, strategy="none")
     opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), **({"fused": True} if amp else {}))
     ema = EMA(list(model.named_parameters()), 0.999)
     params = [p for g_ in groups for p in g_["params"]]

@@ -32,7 +32,9 @@ class DiffDecoderConfig:
     time_shift: float = 2.0
     mlp_head: bool = False              # released FinalLayer output head (needs share_time_encoding)
     share_time_encoding: bool = False   # one time embedder for all blocks instead of one per block
-    grad_checkpointing: bool = False    # training only (recompute blocks in backward)
+    # released key, training only: train-tokenizer turns it into activation checkpointing of the DiT blocks
+    # (training/parallelize.py); the model itself ignores it
+    grad_checkpointing: bool = False
     # REPA projection head sits before this block (training only); released default 8
     repa_layer: int = 8
     rope_base_len: float = 10000.0      # theta of the pixel DiT's 2D RoPE

@@ -158,16 +158,21 @@ def test_tokenizer_key(key):
 def _check_tokenizer_training_key(name, base, other):
     x, t, c = torch.randn(2, 3, 32, 32), torch.rand(2), torch.randn(2, 4, 64)
     if name == "grad_checkpointing":
-        import dar_fast.models.diffusion as dm
+        # a trainer option, not the model's: train-tokenizer reads it and parallelize checkpoints the DiT blocks
+        import dar_fast.training.parallelize as par
+        from dar_fast.training.tokenizer_train import training_options
+        plain, wanted = training_options(other.cfg)
+        assert wanted and not plain.diff_decoder.grad_checkpointing
         calls = []
-        orig = dm.checkpoint
+        orig = par.checkpoint
 
         def counting(*a, **k):
             calls.append(1)
             return orig(*a, **k)
-        dm.checkpoint = counting
+        par.checkpoint = counting
         try:
             other.load_state_dict(base.state_dict())
+            par.checkpoint_blocks([other.net.blocks])
             other.train()
             other.net(x.requires_grad_(), t, c).sum().backward()
             assert len(calls) == other.cfg.diff_decoder.depth        # every block recomputed in backward
@@ -176,7 +181,7 @@ def _check_tokenizer_training_key(name, base, other):
                 other.net(x, t, c)
             assert len(calls) == other.cfg.diff_decoder.depth        # never at inference
         finally:
-            dm.checkpoint = orig
+            par.checkpoint = orig
     elif name == "repa_layer":
         # with the head: features taken before block 0 vs before block 1 differ (REPA loss in training)
         cfg0 = dataclasses.replace(other.cfg, repa_head=True)

@@ -23,8 +23,8 @@ from dar_fast.training.data import CodeSet, CodesLoader
 from dar_fast.training.losses import ARObjective
 from dar_fast.training.loop import Trainer, lr_at
 
-DEFAULTS = dict(lr=4e-4, betas=(0.9, 0.95), weight_decay=0.05, warmup=0, grad_clip=1.0, ema=0.999,
-                class_dropout=0.1, lr_final=1e-5, lr_decay_frac=1 / 6)
+# the released recipe where the command line leaves it open (the other settings' defaults are the CLI's)
+DEFAULTS = dict(lr=4e-4, weight_decay=0.05, warmup=0)
 
 
 # ====================================================================================== FLOPs
@@ -70,12 +70,9 @@ class ARTrainer(Trainer):
         return ar
 
     def build_objective(self, ar: ARModel) -> nn.Module:
-        if getattr(self.args, "compile", False):
-            for layer in ar.layers:
-                layer.compile()
-        return ARObjective(ar, grad_checkpointing=bool(getattr(self.args, "grad_checkpointing", False)))
+        return ARObjective(ar)
 
-    def fsdp_blocks(self, ar):
+    def blocks(self, ar):
         return [ar.layers]
 
     def param_groups(self, objective):
@@ -83,10 +80,6 @@ class ARTrainer(Trainer):
         ps = [p for p in objective.parameters() if p.requires_grad]
         return [{"params": [p for p in ps if p.dim() >= 2], "weight_decay": wd},
                 {"params": [p for p in ps if p.dim() < 2], "weight_decay": 0.0}]
-
-    def build_optimizer(self, groups):
-        return torch.optim.AdamW(groups, lr=self.base_lr, betas=DEFAULTS["betas"],
-                                 **_fused(self.device, self.strategy))
 
     def build_data(self):
         return CodesLoader(self.codeset, self.rank_batch, self.env.rank, self.env.world_size, int(self.args.seed),
@@ -110,16 +103,11 @@ class ARTrainer(Trainer):
 
     def flops_per_step(self):
         return ar_train_flops(self.cfg, self.global_batch,
-                              grad_checkpointing=bool(getattr(self.args, "grad_checkpointing", False)))
+                              grad_checkpointing=self.activation_checkpointing)
 
     def fingerprint(self) -> dict:
         return dict(model=self.cfg.to_dict(), global_batch=self.global_batch, world_size=self.env.world_size,
                     seed=int(self.args.seed), code_samples=self.codeset.num_samples)
-
-
-def _fused(device, strategy) -> dict:
-    # fused AdamW on plain CUDA tensors; the foreach default for FSDP2's DTensor shards and on CPU
-    return {"fused": True} if device.type == "cuda" and strategy != "fsdp" else {}
 
 
 def train_ar(args) -> dict:

@@ -1,38 +1,21 @@
-"""Distribution through torchrun: the process group, DDP / FSDP2 applied from outside the model, rank-0 logging.
+"""Distribution through torchrun: the process group, collectives, the MFU peak and rank-0 logging.
 
 One launcher for every scale (torchtitan's habit): ``torchrun --nproc_per_node=G -m dar_fast.cli train-ar ...``.
-The models know nothing about parallelism; `parallelize` wraps the training objective (the module that owns the
-model and returns the loss) in a fixed order:
-
-  1. activation checkpointing and torch.compile are per block and happen before this (in the trainers);
-  2. "fsdp": FSDP2 ``fully_shard`` on every transformer block (the lists named by ``blocks``), then on the root,
-     parameters all-gathered in bf16 and gradients reduced in fp32 on GPU; the optimizer then holds DTensor shards;
-  3. "ddp": DistributedDataParallel around the objective (gradients all-reduced in fp32 buckets);
-  4. "none": a single process.
-
-"auto" picks none for one process, DDP below `FSDP_AUTO_PARAMS` parameters and FSDP2 above: DDP keeps a full
-replica of weights + Adam state per GPU (16 bytes/param in fp32: 12 GB for D-AR-XL's 775M), which is the point
-where sharding starts to pay for its extra all-gathers.
+What is applied to the model (activation checkpointing, compile, DDP / FSDP2) is in `parallelize.py`.
 
 Backends: NCCL on CUDA, gloo on CPU (the CPU tests run two gloo processes).
 """
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
-
-# DDP below this many parameters, FSDP2 above (see the module docstring)
-FSDP_AUTO_PARAMS = 600_000_000
-STRATEGIES = ("auto", "none", "ddp", "fsdp")
 
 # Dense bf16 tensor-core peaks (TFLOP/s, spec sheets) for MFU come from the one device table, dar_fast.perf.DEVICES;
 # override with DAR_FAST_PEAK_TFLOPS for other parts.
@@ -136,84 +119,7 @@ def agree(ok: bool, message: str, env: DistEnv) -> None:
         raise ValueError(bad[0])
 
 
-# ====================================================================================== wrapping
-
-def count_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-def resolve_strategy(strategy: str, module: nn.Module, env: DistEnv) -> str:
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown distribution strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
-    if strategy == "auto":
-        if not env.distributed:
-            return "none"
-        return "fsdp" if count_params(module) >= FSDP_AUTO_PARAMS else "ddp"
-    if not env.distributed:
-        return "none"          # one process: nothing to replicate or shard
-    return strategy
-
-
-def _fully_shard():
-    try:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard        # torch >= 2.6
-    except ImportError:
-        from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard  # torch 2.4 / 2.5
-    return fully_shard, MixedPrecisionPolicy
-
-
-def apply_fsdp(module: nn.Module, blocks: Sequence[Iterable[nn.Module]], env: DistEnv,
-               param_dtype: Optional[torch.dtype] = None) -> nn.Module:
-    """FSDP2: ``fully_shard`` each block of every list in ``blocks``, then the root. In place; returns module."""
-    fully_shard, MixedPrecisionPolicy = _fully_shard()
-    from torch.distributed.device_mesh import init_device_mesh
-    mesh = init_device_mesh(env.device.type, (env.world_size,))
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    for lst in blocks:
-        lst = list(lst)
-        for i, blk in enumerate(lst):
-            # the last block's parameters are needed again at once by backward: keep them gathered
-            fully_shard(blk, mesh=mesh, mp_policy=mp, reshard_after_forward=i < len(lst) - 1)
-    fully_shard(module, mesh=mesh, mp_policy=mp)
-    return module
-
-
-def parallelize(module: nn.Module, env: DistEnv, strategy: str = "auto",
-                blocks: Sequence[Iterable[nn.Module]] = (), mixed_precision: bool = False):
-    """Wrap ``module`` for ``env``; returns (wrapped, strategy used). ``module`` must already be on env.device.
-
-    The wrapped module is what the loop calls; the unwrapped ``module`` keeps the clean parameter names
-    (FSDP2 works in place, so for "fsdp" both are the same object)."""
-    strategy = resolve_strategy(strategy, module, env)
-    if strategy == "none":
-        return module, strategy
-    if strategy == "fsdp":
-        pd = torch.bfloat16 if (mixed_precision and env.device.type == "cuda") else None
-        return apply_fsdp(module, blocks, env, param_dtype=pd), strategy
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    dev_ids = [env.device.index] if env.device.type == "cuda" else None
-    # buffers (VQ usage statistics) are never trained: no per-step broadcast (the option's name changed in 2.12)
-    import inspect
-    params = inspect.signature(DDP.__init__).parameters
-    kw = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
-    return DDP(module, device_ids=dev_ids, gradient_as_bucket_view=True, **kw), strategy
-
-
-@contextlib.contextmanager
-def grad_sync(model: nn.Module, strategy: str, sync: bool):
-    """Gradient accumulation: skip the all-reduce / reduce-scatter on every micro-batch but the last."""
-    if sync or strategy == "none":
-        yield
-    elif strategy == "ddp":
-        with model.no_sync():
-            yield
-    else:  # fsdp
-        model.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            model.set_requires_gradient_sync(True)
-
+# ====================================================================================== tensors
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """A DTensor's full value (a collective: every rank must call), else the tensor itself."""

@@ -33,6 +33,7 @@ from dar_fast.seeding import key
 from dar_fast.training import checkpointing as ckpt_io
 from dar_fast.training import distributed as D
 from dar_fast.training import export as export_io
+from dar_fast.training.parallelize import grad_sync, parallelize
 
 METRICS_NAME = "metrics.jsonl"
 FINAL_NAME = "final.safetensors"
@@ -169,6 +170,7 @@ class Trainer:
 
     kind = "?"
     throughput_key = "images_per_s"
+    betas = (0.9, 0.95)          # AdamW, both released recipes
 
     def __init__(self, args, env: D.DistEnv):
         self.args, self.env = args, env
@@ -188,6 +190,8 @@ class Trainer:
                              f"{env.world_size} ranks) does not split into --grad-accum {self.accum} equal micro-batches")
         self.micro_batch = self.rank_batch // self.accum
         self.out = args.out
+        # --grad-checkpointing: recompute the compute blocks in backward (applied by parallelize)
+        self.activation_checkpointing = bool(getattr(args, "grad_checkpointing", False))
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(key(int(args.seed), "trainer", env.rank))
 
@@ -198,14 +202,22 @@ class Trainer:
     def build_objective(self, model: nn.Module) -> nn.Module:
         raise NotImplementedError
 
-    def fsdp_blocks(self, model: nn.Module):
+    def blocks(self, model: nn.Module) -> list:
+        """Lists of the model's transformer blocks: each is sharded on its own under FSDP2."""
         return []
+
+    def compute_blocks(self, model: nn.Module) -> list:
+        """The block lists that activation checkpointing and --compile apply to (default: `blocks`)."""
+        return self.blocks(model)
 
     def param_groups(self, objective: nn.Module):
         return [{"params": [p for p in objective.parameters() if p.requires_grad]}]
 
     def build_optimizer(self, groups) -> torch.optim.Optimizer:
-        raise NotImplementedError
+        """AdamW at ``self.base_lr`` with ``self.betas``: fused on plain CUDA tensors, the foreach default for
+        FSDP2's DTensor shards and on the CPU."""
+        fused = {"fused": True} if self.device.type == "cuda" and self.strategy != "fsdp" else {}
+        return torch.optim.AdamW(groups, lr=self.base_lr, betas=self.betas, **fused)
 
     def build_data(self):
         raise NotImplementedError
@@ -282,8 +294,11 @@ class Trainer:
         groups = self.param_groups(objective)
         names = {id(p): n for n, p in objective.named_parameters()}
         group_names = [[names[id(p)] for p in g["params"]] for g in groups]
-        wrapped, self.strategy = D.parallelize(objective, env, getattr(args, "strategy", "auto"),
-                                               blocks=self.fsdp_blocks(model), mixed_precision=self.amp)
+        wrapped, self.strategy = parallelize(objective, env, blocks=self.blocks(model),
+                                             compute_blocks=self.compute_blocks(model),
+                                             activation_checkpointing=self.activation_checkpointing,
+                                             compile=bool(getattr(args, "compile", False)),
+                                             strategy=getattr(args, "strategy", "auto"), mixed_precision=self.amp)
         # FSDP2 swaps the parameters for DTensors in place: rebuild the groups by name
         after = dict(objective.named_parameters())
         groups = [dict(g, params=[after[n] for n in gn]) for g, gn in zip(groups, group_names)]
@@ -337,7 +352,7 @@ class Trainer:
             batch = next(data)
             micros = self.micro_batches(batch)
             for i, micro in enumerate(micros):
-                with D.grad_sync(wrapped, self.strategy, sync=i == len(micros) - 1):
+                with grad_sync(wrapped, self.strategy, sync=i == len(micros) - 1):
                     with self._autocast():
                         terms = self.forward(wrapped, micro)
                     (terms["loss"] / len(micros)).backward()

@@ -30,7 +30,6 @@ from typing import Dict, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from dar_fast import ops
 from dar_fast.models.diffusion import time_shift, training_group
@@ -163,26 +162,15 @@ class TokenizerObjective(nn.Module):
 # ====================================================================================== AR
 
 class ARObjective(nn.Module):
-    """Teacher-forced next-token cross-entropy: logits of [class; tokens[:-1]] against tokens."""
+    """Teacher-forced next-token cross-entropy: ARModel.forward's logits of [class; tokens[:-1]] against tokens."""
 
-    def __init__(self, ar: nn.Module, grad_checkpointing: bool = False):
+    def __init__(self, ar: nn.Module):
         super().__init__()
         self.model = ar
-        self.grad_checkpointing = grad_checkpointing
 
     def forward(self, codes: torch.Tensor, labels: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """codes (B,N) int64, labels (B,) int64 (null class = num_classes) -> {"loss"}.
-
-        The model's own forward validates tokens with host syncs; this path does not (codes are checked once
-        when the code set is opened) so a step stays free of device-to-host copies."""
-        m = self.model
-        h = m.embed(codes[:, :-1], labels)                                      # (B,N,D)
-        rope_pos = m.rope_positions(torch.arange(h.shape[1], device=h.device))
-        for layer in m.layers:
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                h = checkpoint(layer, h, rope_pos, use_reentrant=False)
-            else:
-                h = layer(h, rope_pos)
-        logits = m.head(h)                                                      # (B,N,V) float32
+        """codes (B,N) int64, labels (B,) int64 (null class = num_classes) -> {"loss"}. The codes were checked
+        once when the code set was opened (CodeSet.check), so the model's per-call checks are off."""
+        logits = self.model(codes[:, :-1], labels, check=False)                # (B,N,V) float32
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), codes.reshape(-1))
         return {"loss": loss}

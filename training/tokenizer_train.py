@@ -20,15 +20,15 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from dar_fast.config import tokenizer_config
+from dar_fast.config import TokenizerConfig, tokenizer_config
 from dar_fast.models import Tokenizer
 from dar_fast.training import distributed as D
 from dar_fast.training.losses import TokenizerObjective
 from dar_fast.training.loop import Trainer, lr_at
 
 TINY_PRESETS = ("tokenizer-tiny", "digits")
-DEFAULTS = dict(lr=2e-4, betas=(0.9, 0.95), weight_decay=0.0, warmup=500, grad_clip=1.0, ema=0.999,
-                lpips_weight=0.5, repa_weight=0.5)
+# the released recipe where the command line leaves it open (the other settings' defaults are the CLI's)
+DEFAULTS = dict(lr=2e-4, weight_decay=0.0, warmup=500, lpips_weight=0.5, repa_weight=0.5)
 TINY_DEFAULTS = dict(warmup=0, lpips_weight=0.0, repa_weight=0.0)
 
 
@@ -83,9 +83,8 @@ class TokenizerTrainer(Trainer):
 
     def __init__(self, args, env: D.DistEnv):
         super().__init__(args, env)
-        cfg = tokenizer_config(args.preset)
-        if getattr(args, "grad_checkpointing", False):
-            cfg = dataclasses.replace(cfg, diff_decoder=dataclasses.replace(cfg.diff_decoder, grad_checkpointing=True))
+        cfg, ckpt = training_options(tokenizer_config(args.preset))
+        self.activation_checkpointing = self.activation_checkpointing or ckpt
         H, W = cfg.image_size
         if H != W:
             raise ValueError(f"tokenizer training needs square images, the config says {H}x{W}")
@@ -125,21 +124,17 @@ class TokenizerTrainer(Trainer):
         return tok
 
     def build_objective(self, tok: Tokenizer) -> nn.Module:
-        if getattr(self.args, "compile", False):
-            for blk in tok.net.blocks:
-                blk.compile()
         return TokenizerObjective(tok, self.lpips, self.lpips_weight, self.dino, self.repa_weight)
 
-    def fsdp_blocks(self, tok):
+    def blocks(self, tok):
         return [tok.encoder_layers, tok.decoder_layers, tok.net.blocks]
+
+    def compute_blocks(self, tok):
+        return [tok.net.blocks]          # the pixel DiT: most of the activations and of the time
 
     def param_groups(self, objective):
         wd = float(self.args.weight_decay if self.args.weight_decay is not None else DEFAULTS["weight_decay"])
         return [{"params": [p for p in objective.parameters() if p.requires_grad], "weight_decay": wd}]
-
-    def build_optimizer(self, groups):
-        return torch.optim.AdamW(groups, lr=self.base_lr, betas=DEFAULTS["betas"],
-                                 **_fused(self.device, self.strategy))
 
     def build_data(self):
         from dar_fast.training.data import make_loader
@@ -166,22 +161,20 @@ class TokenizerTrainer(Trainer):
 
     def flops_per_step(self):
         return tokenizer_train_flops(self.cfg, self.global_batch, repa=self.repa_weight > 0,
-                                     grad_checkpointing=self.cfg.diff_decoder.grad_checkpointing)
+                                     grad_checkpointing=self.activation_checkpointing)
 
     def fingerprint(self) -> dict:
-        return dict(model=_model_fingerprint(self.cfg), global_batch=self.global_batch,
+        return dict(model=self.cfg.to_dict(), global_batch=self.global_batch,
                     world_size=self.env.world_size, seed=int(self.args.seed))
 
 
-def _fused(device, strategy) -> dict:
-    # fused AdamW on plain CUDA tensors; the foreach default for FSDP2's DTensor shards and on CPU
-    return {"fused": True} if device.type == "cuda" and strategy != "fsdp" else {}
-
-
-def _model_fingerprint(cfg) -> dict:
-    d = cfg.to_dict()
-    d.get("diff_decoder", {}).pop("grad_checkpointing", None)     # changes memory, not the math
-    return d
+def training_options(cfg: TokenizerConfig):
+    """The released config's training-only key diff_decoder.grad_checkpointing is a trainer option (activation
+    checkpointing of the DiT blocks, `parallelize`), not part of the model: -> (the config without it,
+    whether it asked for checkpointing)."""
+    dd = cfg.diff_decoder
+    plain = dataclasses.replace(cfg, diff_decoder=dataclasses.replace(dd, grad_checkpointing=False))
+    return plain, bool(dd.grad_checkpointing)
 
 
 def _pick(args, key, preset):

@@ -241,10 +241,14 @@ class ARModel(nn.Module):
     def head(self, h):
         return self.output(self.norm(h)).float()
 
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Teacher forcing: tokens (B,T) T < N, labels (B,) -> logits (B,T+1,V) float32."""
-        self.check_tokens(tokens)
-        self.check_labels(labels)
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor, check: bool = True) -> torch.Tensor:
+        """Teacher forcing: tokens (B,T) T < N, labels (B,) -> logits (B,T+1,V) float32.
+
+        ``check``: validate the inputs (host syncs). Training passes False: its codes are checked once when
+        the code set is opened, and a step stays free of device-to-host copies."""
+        if check:
+            self.check_tokens(tokens)
+            self.check_labels(labels)
         h = self.embed(tokens, labels)
         rope_pos = self.rope_positions(torch.arange(h.shape[1], device=h.device))
         for layer in self.layers:

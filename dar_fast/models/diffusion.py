@@ -6,7 +6,6 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from dar_fast import ops
 from dar_fast.config import DiffDecoderConfig
@@ -137,10 +136,7 @@ class DiffusionNet(nn.Module):
         for i, blk in enumerate(self.blocks):
             if return_repa and i == self.cfg.repa_layer and self.repa_out is not None:
                 repa = self.repa_features(x, h, w)
-            if self.cfg.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(blk, x, t, cond, pos, use_reentrant=False)
-            else:
-                x = blk(x, t, cond, pos)
+            x = blk(x, t, cond, pos)
         x = layer_norm(x)
         if self.linear_out is not None:
             x = self.linear_out(x, t)                                     # (B, hw, C*p*p)
