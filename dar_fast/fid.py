@@ -99,23 +99,15 @@ def model_identity(path) -> str:
 
 
 def _dist():
-    """(rank, world, barrier, shutdown, broadcast-from-rank-0) from torchrun's environment; a plain run is rank 0 of 1."""
+    """(rank, world, barrier, shutdown, broadcast-from-rank-0) from torchrun's environment; a plain run is rank 0
+    of 1. The process group is the trainers' (`dar_fast.training.distributed.init_distributed`)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
     if world == 1:
         return 0, 1, lambda: None, lambda: None, lambda obj: obj
-    import torch.distributed as dist
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-
-    def broadcast(obj):
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-    return rank, world, dist.barrier, dist.destroy_process_group, broadcast
+    from dar_fast.training import distributed as D
+    env = D.init_distributed("auto")
+    return (env.rank, env.world_size, lambda: D.barrier(env), lambda: D.shutdown(env),
+            lambda obj: D.broadcast_object(obj, env))
 
 
 def _shard_arrays(pipe, so: ShardedOutput, k: int, args, cfg, C: int) -> dict:
