@@ -23,6 +23,7 @@ from typing import Iterator, Optional, Tuple
 import torch
 
 from dar_fast.engine_graphs import DecodeStep, TokenizerStep
+from dar_fast.models.layers import refresh_fused
 from dar_fast.seeding import sample_noise
 
 MODES = ("eager", "compiled", "captured")
@@ -87,6 +88,7 @@ def stream(pipe, labels: torch.Tensor, seeds: torch.Tensor, ids: torch.Tensor, s
     S = len(groups)
     dev = pipe.device
     mode = pipe.engine_mode
+    refresh_fused(ar, tok)          # merged-weight copies follow the parameters (compiled code does not check)
     clock = _Clock(profile, dev)
     clock.start()
     guided = scales is not None

@@ -393,9 +393,7 @@ def _gated_block_incremental(blk, x, kb, vb, s, e, mask):
     B, T, D = x.shape
     H, hd = a.num_heads, a.head_dim
     h = blk.norm1(x)
-    q = a.q_norm(a.q(h).view(B, T, H, hd))
-    k = a.k_norm(a.k(h).view(B, T, H, hd))
-    v = a.v(h).view(B, T, H, hd)
+    q, k, v = a.project(h)
     kb[:, :, s:e] = k.transpose(1, 2)
     vb[:, :, s:e] = v.transpose(1, 2)
     o = F.scaled_dot_product_attention(q.transpose(1, 2), kb[:, :, :e], vb[:, :, :e], attn_mask=mask)

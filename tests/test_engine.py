@@ -102,3 +102,28 @@ def test_compiled_engine_equals_reference():
         assert d.max() <= 1 and (d > 0).float().mean() < 0.01, kw
     st = engine.status(comp)
     assert st["fallbacks"] == [] and {o["mode"] for o in st["objects"]} == {"compiled"}, st
+
+
+def test_fused_weights_follow_the_parameters():
+    """The merged q/k/v and w1/w3 copies (inference only) equal the separate layers, keep the released state-dict
+    keys, and are rebuilt when the parameters change (here: load_state_dict of another model's weights)."""
+    tok = tiny_tokenizer(seed=1)
+    ar = tiny_ar(seed=2, vocab_size=tok.codebook_size, block_size=tok.num_tokens)
+    assert not any(".qkv." in k or "w13" in k for k in list(tok.state_dict()) + list(ar.state_dict()))
+    x = torch.randn(2, 5, ar.cfg.dim)
+    ff = ar.layers[0].feed_forward
+    plain = lambda: ff.w2(F.silu(ff.w1(x)) * ff.w3(x))           # noqa: E731  (the released FeedForward)
+    with torch.no_grad():
+        torch.testing.assert_close(ff(x), plain(), rtol=1e-5, atol=1e-6)
+        other = tiny_ar(seed=9, vocab_size=tok.codebook_size, block_size=tok.num_tokens)
+        ar.load_state_dict(other.state_dict())
+        torch.testing.assert_close(ff(x), plain(), rtol=1e-5, atol=1e-6)
+        a = tok.decoder_layers[0].attention
+        h = torch.randn(2, 7, a.dim)
+        q, k, v = a.project(h)
+        torch.testing.assert_close(v, a.v(h).view(2, 7, a.num_heads, a.head_dim))
+        a.v.weight.mul_(2.0)
+        torch.testing.assert_close(a.project(h)[2], a.v(h).view(2, 7, a.num_heads, a.head_dim))
+    # with gradients the separate parameters are used (training sees the released layers)
+    ff(x).sum().backward()
+    assert ff.w1.weight.grad is not None and ff.w3.weight.grad is not None

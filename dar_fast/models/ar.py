@@ -16,6 +16,7 @@ from dar_fast import ops
 from dar_fast.attention import attend
 from dar_fast.config import ARConfig
 from dar_fast.kernels.swiglu import swiglu_ref
+from dar_fast.models.layers import FusedWeights
 
 
 class RMSNorm(nn.Module):
@@ -76,35 +77,23 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x), with w1 (gate) and w3 (up) merged into one (2H, D) matrix `w13`, so one
-    GEMM reads x once. State dicts keep the released keys: `w1.weight` / `w3.weight` are merged on load and
-    split again (copies) on save."""
+    """SwiGLU: w2(silu(w1 x) * w3 x). In inference w1 (gate) and w3 (up) run as one GEMM over a merged
+    (2H, D) copy (`layers.FusedWeights`, rebuilt when the parameters change), then `ops.swiglu` on the two
+    halves; training, state dicts and checkpoints see the released w1 / w3 parameters."""
 
     def __init__(self, cfg: ARConfig):
         super().__init__()
         h = cfg.ffn_hidden
-        self.hidden = h
-        self.w13 = nn.Linear(cfg.dim, 2 * h, bias=False)
+        self.w1 = nn.Linear(cfg.dim, h, bias=False)
+        self.w3 = nn.Linear(cfg.dim, h, bias=False)
         self.w2 = nn.Linear(h, cfg.dim, bias=False)
         self.ffn_dropout = nn.Dropout(cfg.ffn_dropout_p)
-        self._register_state_dict_hook(FeedForward._split_w13)
-        self._register_load_state_dict_pre_hook(self._merge_w13)
-
-    @staticmethod
-    def _split_w13(module, state_dict, prefix, local_metadata):
-        w = state_dict.pop(prefix + "w13.weight")
-        h = module.hidden
-        state_dict[prefix + "w1.weight"] = w[:h].clone()        # copies: a file must not hold shared storage
-        state_dict[prefix + "w3.weight"] = w[h:].clone()
-        return state_dict
-
-    def _merge_w13(self, state_dict, prefix, *args):
-        k1, k3 = prefix + "w1.weight", prefix + "w3.weight"
-        if k1 in state_dict and k3 in state_dict:
-            state_dict[prefix + "w13.weight"] = torch.cat([state_dict.pop(k1), state_dict.pop(k3)], dim=0)
+        self._fused = FusedWeights(self.w1, self.w3)
 
     def forward(self, x):
-        x13 = self.w13(x)
+        if torch.is_grad_enabled() and (self.w1.weight.requires_grad or self.w3.weight.requires_grad):
+            return self.ffn_dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+        x13 = F.linear(x, self._fused.get()[0])
         # under torch.compile the reference (the compiler fuses it); eager: the Triton kernel on CUDA
         y = swiglu_ref(x13) if torch.compiler.is_compiling() else ops.swiglu(x13)
         return self.ffn_dropout(self.w2(y))
