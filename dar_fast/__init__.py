@@ -20,11 +20,17 @@ __all__ = sorted(_LAZY)
 
 
 def __getattr__(name):
+    import importlib
     if name in _LAZY:
-        import importlib
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value           # later lookups skip this function
         return value
+    if not name.startswith("__"):         # a submodule (dar_fast.ops, dar_fast.assets, ...), as an eager import gave
+        try:
+            return importlib.import_module(f"dar_fast.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"dar_fast.{name}":
+                raise
     raise AttributeError(f"module 'dar_fast' has no attribute {name!r}")
 
 
