@@ -36,3 +36,31 @@ def tiny_ar(seed=0, **kw) -> ARModel:
                 token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0)
     base.update(kw)
     return randomize_(ARModel(ARConfig(**base)), seed=seed).eval()
+
+
+def random_inception_state_dict(seed: int = 0) -> dict:
+    """Random TF-Inception weights in the exact layout of the real file (tests run without the download).
+
+    He-scaled convs and unit-ish BN statistics keep activations O(1) through all 94 layers.
+    """
+    from dar_fast.eval.inception import InceptionV3FID
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    with torch.device("meta"):
+        layout = InceptionV3FID().state_dict()
+    for name, t in layout.items():
+        if name.endswith("conv.weight"):
+            fan_in = t[0].numel()
+            v = torch.randn(t.shape, generator=g) * (2.0 / fan_in) ** 0.5
+        elif name.endswith("running_var"):
+            v = 0.5 + torch.rand(t.shape, generator=g)
+        elif name.endswith("running_mean") or name.endswith("bn.bias"):
+            v = 0.1 * torch.randn(t.shape, generator=g)
+        elif name.endswith("bn.weight"):
+            v = 0.8 + 0.4 * torch.rand(t.shape, generator=g)
+        elif name == "fc.weight":
+            v = torch.randn(t.shape, generator=g) * (1.0 / t.shape[1]) ** 0.5
+        else:  # fc.bias
+            v = 0.1 * torch.randn(t.shape, generator=g)
+        out[name] = v.contiguous()
+    return out

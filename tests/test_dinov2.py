@@ -5,7 +5,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dar_fast.training.dinov2 import ARCHS, DINOv2, load_dinov2, repa_loss
+from dar_fast.training.dinov2 import ARCHS, DINOv2, load_dinov2
+from dar_fast.training.losses import cosine_repa_loss
+
+
+def repa_loss(pred, target):
+    """REPA's -cos form of the trainer's loss (1 - cos)."""
+    return cosine_repa_loss(pred, target) - 1.0
 
 
 def _hub_shapes(D, depth, grid=37, patch=14, registers=0, mlp=4):

@@ -17,9 +17,9 @@ from dar_fast.eval.inception import (  # noqa: E402
     INCEPTION_FILENAME,
     extract_features,
     load_inception,
-    random_state_dict,
 )
 from dar_fast.eval.metrics import compute_statistics  # noqa: E402
+from helpers import random_inception_state_dict as random_state_dict  # noqa: E402
 from dar_fast.eval.npz import load_reference, load_samples, save_npz_atomic, write_json_atomic  # noqa: E402
 
 N = 12  # images per file: >= 10 for the 10 IS splits; 32x32 keeps the 299x299 forwards few

@@ -12,10 +12,11 @@ from dar_fast.eval.inception import (
     extract_features,
     load_inception,
     load_inception_state_dict,
-    random_state_dict,
     resize_bilinear_tf1,
     resolve_inception_path,
 )
+
+from helpers import random_inception_state_dict as random_state_dict
 
 
 # ---------------------------------------------------------------------------------------------------------------

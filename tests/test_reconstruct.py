@@ -266,7 +266,8 @@ def test_rerun_is_a_no_op_and_other_settings_are_refused(setup, tmp_path, capsys
 @pytest.mark.slow       # 20 random-weight Inception forwards at 299x299: ~25 s on one CPU core
 def test_eval_runs_on_the_pair(setup, reference_run, tmp_path, monkeypatch, capsys):
     pytest.importorskip("scipy")
-    from dar_fast.eval.inception import INCEPTION_FILENAME, random_state_dict
+    from dar_fast.eval.inception import INCEPTION_FILENAME
+    from helpers import random_inception_state_dict as random_state_dict
     weights = tmp_path / INCEPTION_FILENAME
     torch.save(random_state_dict(seed=1), weights)
     calls = []

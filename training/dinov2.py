@@ -9,12 +9,12 @@ for key: ``cls_token``, ``pos_embed`` (1, 1 + 37*37, D), ``mask_token``, ``regis
 
 REPA target features: ``patch_features(images in [-1, 1])`` maps to [0, 1], normalises with the ImageNet
 mean/std, resizes bicubically to 224 (REPA's ``preprocess_raw_image`` at 256: ``224 * (256 // 256)``) and
-returns the final-norm patch tokens, (B, 16*16, D). ``repa_loss`` is REPA's projection loss.
+returns the final-norm patch tokens, (B, 16*16, D). REPA's projection loss is ``losses.cosine_repa_loss``.
 
     enc = load_dinov2("~/.cache/torch/hub/checkpoints")     # or the .pth itself
     with torch.no_grad():
         target = enc.patch_features(images)                 # (B, 256, 768)
-    loss = repa_loss(projector(h), target)
+    loss = cosine_repa_loss(projector(h), target)
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["ARCHS", "DINOv2", "load_dinov2", "repa_loss", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["ARCHS", "DINOv2", "load_dinov2", "IMAGENET_MEAN", "IMAGENET_STD"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -177,16 +177,6 @@ class DINOv2(nn.Module):
         x = (x - mean) / std
         x = F.interpolate(x, size=(resolution, resolution), mode="bicubic")               # as REPA: after norm
         return self.forward_features(x.to(dtype))[:, 1 + self.num_register_tokens:]
-
-
-def repa_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """REPA projection loss: mean over samples and tokens of -cos(pred, target); pred, target (B, T, D).
-    The target is detached: gradients reach ``pred`` only."""
-    if pred.shape != target.shape:
-        raise ValueError(f"repa_loss: pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
-    p = F.normalize(pred.float(), dim=-1)
-    t = F.normalize(target.detach().float(), dim=-1)
-    return -(p * t).sum(dim=-1).mean()
 
 
 # ====================================================================================== loading

@@ -88,9 +88,12 @@ def pool_tokens(x: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def cosine_repa_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """1 - cosine similarity per token, averaged: pred, target (B,T,C). The released form; training/dinov2.py's
-    repa_loss is -cos, the same gradient, shifted by 1 (we log the non-negative one)."""
-    return (1.0 - F.cosine_similarity(pred.float(), target.float(), dim=-1)).mean()
+    """REPA's projection loss: 1 - cosine similarity per token, averaged over tokens and samples; pred, target
+    (B,T,C). REPA writes -cos: the same gradient, shifted by 1 (we log the non-negative one). The target is
+    detached: gradients reach ``pred`` only."""
+    if pred.shape != target.shape:
+        raise ValueError(f"REPA loss: pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
+    return (1.0 - F.cosine_similarity(pred.float(), target.detach().float(), dim=-1)).mean()
 
 
 # ====================================================================================== tokenizer
