@@ -12,6 +12,7 @@ A chunk is (images uint8 (n_good, 3, S, S) or None, [(epoch, j, idx, row)]) with
 from __future__ import annotations
 
 import collections
+import os
 from typing import Iterable, Tuple, Union
 
 import numpy as np
@@ -86,7 +87,16 @@ class _Reader:
         return iter(torch.utils.data.DataLoader(
             self._decoder, batch_sampler=_ChunkSampler(shard, epoch, j, B), num_workers=self.num_workers,
             collate_fn=_collate_chunk, multiprocessing_context=ctx, pin_memory=self.device.type == "cuda",
-            prefetch_factor=2 if self.num_workers > 0 else None))
+            prefetch_factor=2 if self.num_workers > 0 else None,
+            timeout=worker_timeout_s() if self.num_workers > 0 else 0))
+
+
+def worker_timeout_s() -> float:
+    """Seconds a decoding worker may take for one chunk before the loader raises instead of waiting forever (a
+    file stuck on a hung network file system; FIFOs are already refused, `sources.read_regular_file`). 600 s is
+    far above a healthy chunk's decode time; DAR_FAST_READ_TIMEOUT overrides it (0: wait forever). The torch
+    DataLoader applies it only with worker processes; the in-process path and DALI's reader have no timeout."""
+    return float(os.environ.get("DAR_FAST_READ_TIMEOUT", "600"))
 
 
 def _memory_chunks(decoder: Decoder, chunks, chw, flip_all: bool):
