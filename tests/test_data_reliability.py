@@ -133,3 +133,19 @@ def test_skipped_images_in_metrics(tmp_path):
         next(ld)
         expect.append(ld.skipped)
     assert counts == expect and counts[-1] >= 1, (counts, expect)
+
+
+def test_stuck_worker_read_times_out(tmp_path, monkeypatch):
+    """A read that never returns (a hung network file system) ends in an error, not a silent hang."""
+    import time
+
+    from dar_fast.training.data import sources
+    root = _folder(tmp_path / "d")
+    monkeypatch.setenv("DAR_FAST_READ_TIMEOUT", "2")
+    monkeypatch.setattr(sources.FolderSource, "read_bytes", lambda self, idx: time.sleep(60))
+    ld = D.make_loader(str(root), 32, 4, loader="torch", num_workers=1, augment="center")
+    t0 = time.perf_counter()
+    with pytest.raises(RuntimeError, match="timed out"):
+        _with_timeout(lambda: next(iter(ld)), 40)
+    assert time.perf_counter() - t0 < 40
+    ld.close()
