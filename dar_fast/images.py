@@ -31,13 +31,6 @@ def make_grid(images, nrow: int, pad: int = 2, scale: int = 1) -> np.ndarray:
     return grid
 
 
-def preview_strips(previews: Sequence, pad: int = 2, scale: int = 1) -> np.ndarray:
-    """previews: K tensors (B,H,W,3) uint8 -> grid with one row per image, one column per group."""
-    stack = torch.stack([torch.as_tensor(p) for p in previews], dim=1)      # (B,K,H,W,3)
-    B, K = stack.shape[:2]
-    return make_grid(stack.reshape(B * K, *stack.shape[2:]), nrow=K, pad=pad, scale=scale)
-
-
 def preview_sheet(previews: Sequence, labels: Sequence[int], titles: Sequence[str], class_names=None,
                   max_rows: int = 10, scale: int = 1, pad: int = 4) -> np.ndarray:
     """A labelled sheet a person can read: one row per class (the first image of each, at most `max_rows`),

@@ -167,7 +167,7 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from dar_fast import defaults
-    from dar_fast.images import make_grid, preview_strips, save_png
+    from dar_fast.images import make_grid, preview_sheet, save_png
     from dar_fast.io import atomic_write, write_json_atomic
 
     # ---- every input checked before anything is written
@@ -252,7 +252,13 @@ def run(args) -> int:
     scale = max(1, 128 // imgs.shape[1])        # enlarge tiny images so a person can see them
     save_png(make_grid(imgs, nrow=per if per > 1 else min(8, n), scale=scale), final[0])
     if want_previews:
-        save_png(preview_strips([torch.cat(g) for g in group_previews], scale=scale), final[1])
+        # one row per class (first image of each, at most 10), one column per diffusion step, the last the image
+        groups = pipe.tok.schedule(K)[1]
+        titles = [f"group {groups[i] + 1}" if K == pipe.tok.num_groups else f"step {i + 1} (g{groups[i] + 1})"
+                  for i in range(K - 1)] + ["final"]
+        names = [f"digit {c}" for c in range(10)] if default_model else None
+        save_png(preview_sheet([torch.cat(g) for g in group_previews], all_labels, titles, class_names=names,
+                               scale=scale), final[1])
     shutil.rmtree(partial, ignore_errors=True)
     print(f"wrote {n} images, grid.png" + (" and previews.png" if want_previews else "") + f" to {out}")
     return 0
