@@ -1,7 +1,8 @@
 """The serve page in a real browser: headless Chromium (Debian's `chromium` + `chromium-driver`, driven by selenium)
 opens the page, generates a digit, waits for the previews and the final image, and saves a screenshot.
 
-Skips with the reason when chromium, chromedriver, selenium or the serve extra is missing.
+Skips with the reason when chromium, chromedriver, selenium or the serve extra is missing, except under
+DAR_FAST_REQUIRE_BROWSER=1 (CI installs them), where a missing piece fails the run instead.
 Screenshots go to $DAR_FAST_ARTIFACTS (default: pytest's tmp dir); DAR_FAST_UPDATE_SCREENSHOT=1 also writes
 docs/serve_page.png (the README's picture).
 """
@@ -15,6 +16,11 @@ import numpy as np
 import pytest
 import torch
 
+if os.environ.get("DAR_FAST_REQUIRE_BROWSER") == "1":      # CI: a missing browser must fail, not skip
+    import fastapi  # noqa: F401
+    import selenium.webdriver as webdriver
+    import uvicorn  # noqa: F401
+    assert shutil.which("chromium") and shutil.which("chromedriver"), "DAR_FAST_REQUIRE_BROWSER=1 but no chromium"
 pytest.importorskip("fastapi", reason="the serve extra (fastapi) is not installed")
 pytest.importorskip("uvicorn", reason="the serve extra (uvicorn) is not installed")
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
