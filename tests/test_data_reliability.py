@@ -55,7 +55,8 @@ def test_fifo_and_dangling_link_skipped_and_counted(tmp_path):
     with pytest.warns(UserWarning, match="skipped 2 image-named entries that are not regular files"):
         src = D.FolderSource(str(root))
     assert len(src.paths) == 8 and sorted(os.path.basename(p) for p in src.skipped_files) == ["dangling.png", "x.jpg"]
-    ld = D.make_loader(str(root), 32, 4, loader="torch", num_workers=0, augment="center")
+    with pytest.warns(UserWarning, match="skipped 2"):
+        ld = D.make_loader(str(root), 32, 4, loader="torch", num_workers=0, augment="center")
     images, labels = _with_timeout(lambda: next(iter(ld)))
     assert images.shape == (4, 3, 32, 32)
 
