@@ -79,6 +79,17 @@ def user_errors():
     return (UsageError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
 
 
+def report_user_error(name: str, e: BaseException, debug: bool = False) -> int:
+    """Print a user error as the CLI does (one line naming the problem; the traceback too with --debug) and
+    return the exit status, 2. For subcommands whose ``run`` is also called directly."""
+    if debug:
+        import traceback
+        traceback.print_exception(e)
+    hint = "" if debug else " (rerun with --debug for the full traceback)"
+    print(f"{name}: error: {_one_line(e)}{hint}", file=sys.stderr)
+    return 2
+
+
 def main(argv=None) -> int:
     debug = os.environ.get("DAR_FAST_DEBUG", "0") not in ("", "0")
     name = "dar-fast"
@@ -105,12 +116,7 @@ def main(argv=None) -> int:
         print(f"\n{name}: interrupted", file=sys.stderr)
         return 130
     except user_errors() as e:
-        if debug:
-            import traceback
-            traceback.print_exc()
-        hint = "" if debug else " (rerun with --debug for the full traceback)"
-        print(f"{name}: error: {_one_line(e)}{hint}", file=sys.stderr)
-        return 2
+        return report_user_error(name, e, debug)
     except ModuleNotFoundError as e:
         top = (e.name or "").split(".")[0]
         if top not in _EXTRAS or debug:

@@ -4,3 +4,7 @@ from __future__ import annotations
 
 class UsageError(ValueError):
     """Bad input from the caller (an argument, a file, a setting): the message names the problem and the fix."""
+
+
+class MissingPackage(UsageError, ImportError):
+    """An optional package this path needs is not installed: the message names what to pip install."""

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from dar_fast.config import ar_config
+from dar_fast.errors import UsageError
 from dar_fast.models import ARModel
 from dar_fast.training import distributed as D
 from dar_fast.training.data import CodeSet, CodesLoader
@@ -50,10 +51,10 @@ class ARTrainer(Trainer):
         # released: the config's class_dropout_prob (default 0.1) unless the command line overrides it
         self.class_dropout = float(a.class_dropout if a.class_dropout is not None else self.cfg.class_dropout_prob)
         if not 0.0 <= self.class_dropout < 1.0:
-            raise ValueError(f"--class-dropout must be in [0, 1), got {a.class_dropout}")
+            raise UsageError(f"--class-dropout must be in [0, 1), got {a.class_dropout}")
         frac = float(a.lr_decay_frac)
         if not 0.0 <= frac <= 1.0:
-            raise ValueError(f"--lr-decay-frac must be in [0, 1], got {a.lr_decay_frac}")
+            raise UsageError(f"--lr-decay-frac must be in [0, 1], got {a.lr_decay_frac}")
         self.decay_start = None if frac == 0 else int(round(self.steps * (1.0 - frac)))
         self.lr_final = float(a.lr_final)
 

@@ -32,6 +32,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from dar_fast.errors import UsageError
 from dar_fast.io import atomic_write, remove_stale_temps
 
 FORMAT = "dar-fast-train/1"
@@ -133,10 +134,10 @@ def load_checkpoint(path: str) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path}: not a readable dar-fast training checkpoint ({str(e).splitlines()[0]})") from e
+        raise UsageError(f"{path}: not a readable dar-fast training checkpoint ({str(e).splitlines()[0]})") from e
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         got = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
-        raise ValueError(f"{path}: not a dar-fast training checkpoint (format {got!r}, expected {FORMAT!r})")
+        raise UsageError(f"{path}: not a dar-fast training checkpoint (format {got!r}, expected {FORMAT!r})")
     return from_safe(obj)
 
 
@@ -155,12 +156,12 @@ def check_fingerprint(ckpt: dict, kind: str, fingerprint: dict, path: str) -> No
     """A resume must continue the same run: same kind, model config and data order. Raises ValueError naming
     every difference."""
     if ckpt.get("kind") != kind:
-        raise ValueError(f"{path} is a {ckpt.get('kind')!r} training checkpoint; this is train-{kind}")
+        raise UsageError(f"{path} is a {ckpt.get('kind')!r} training checkpoint; this is train-{kind}")
     old, new = _flatten(ckpt.get("fingerprint", {})), _flatten(fingerprint)
     diffs = [f"{k}: checkpoint {old.get(k, '<absent>')!r} vs now {new.get(k, '<absent>')!r}"
              for k in sorted(set(old) | set(new)) if _norm(old.get(k)) != _norm(new.get(k))]
     if diffs:
-        raise ValueError(f"cannot resume from {path}: it was written for another configuration ("
+        raise UsageError(f"cannot resume from {path}: it was written for another configuration ("
                          + "; ".join(diffs[:12]) + (" ..." if len(diffs) > 12 else "")
                          + "). Use a fresh --out, or the same settings as the run that wrote it.")
 
@@ -194,7 +195,7 @@ def load_model_state_dict(module: torch.nn.Module, sd: dict, strategy: str) -> N
         return
     missing, unexpected = module.load_state_dict(sd, strict=False)
     if missing or unexpected:
-        raise ValueError(f"checkpoint model state does not match: missing {missing[:8]}, unexpected {unexpected[:8]}")
+        raise UsageError(f"checkpoint model state does not match: missing {missing[:8]}, unexpected {unexpected[:8]}")
 
 
 def optimizer_state_dict(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:

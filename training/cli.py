@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 
+from dar_fast.commands.common import positive_int
 from dar_fast.config import AR_PRESETS, TOKENIZER_PRESETS
 
 
@@ -36,7 +37,7 @@ def _common(p: argparse.ArgumentParser, *, defaults: dict):
                    help="distribution: DDP for small models, FSDP2 (fully_shard per block) for large (default auto)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (torchrun: cuda:LOCAL_RANK)")
     p.add_argument("--no-bf16", action="store_true", help="float32 on GPU instead of bf16 autocast")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="CPU threads for torch (default: torch's choice; 1 is fastest for the tiny presets on a "
                         "busy machine)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
@@ -97,7 +98,7 @@ def register(sub):
     p.add_argument("--num-workers", type=int, default=4, help="decoding workers of the torch loader (default 4)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (torchrun: cuda:LOCAL_RANK)")
     p.add_argument("--overwrite", action="store_true", help="replace codes already in --out")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=run_extract_codes)
 
@@ -106,41 +107,23 @@ def register(sub):
     register_export(sub)
 
 
-def _clear(fn, args):
-    """The training commands' bad input (a ValueError naming an option, a file or a config key; unreadable paths;
-    a missing optional package) as a UsageError: one clear line from the CLI, not a traceback. Other exceptions
-    (RuntimeError included) are bugs or failures of the machine and keep their traceback."""
-    from dar_fast.errors import UsageError
-    if getattr(args, "threads", None):
-        if args.threads < 1:
-            raise UsageError(f"--threads must be >= 1, got {args.threads}")
-        import torch
-        torch.set_num_threads(args.threads)
-    try:
-        return fn(args)
-    except UsageError:
-        raise
-    except (ValueError, PermissionError, NotADirectoryError, IsADirectoryError, ImportError) as e:
-        raise UsageError(str(e)) from e
-
+# Bad input raises dar_fast.errors.UsageError (or a missing file's OSError) from where it is found; the main CLI
+# prints those in one line and lets every other exception show its traceback. --threads is applied there too.
 
 def run_train_tokenizer(args) -> int:
     from dar_fast.training.tokenizer_train import train_tokenizer
-    _clear(train_tokenizer, args)
+    train_tokenizer(args)
     return 0
 
 
 def run_train_ar(args) -> int:
     from dar_fast.training.ar_train import train_ar
-    _clear(train_ar, args)
+    train_ar(args)
     return 0
 
 
 def run_extract_codes(args) -> int:
     from dar_fast.training.extract_codes import extract_codes
-
-    def go(a):
-        return extract_codes(a.tokenizer, a.data, a.out, loader=a.loader, flip=a.flip, batch_size=a.batch_size,
-                             num_workers=a.num_workers, device=a.device, overwrite=a.overwrite, quiet=a.quiet)
-    _clear(go, args)
+    extract_codes(args.tokenizer, args.data, args.out, loader=args.loader, flip=args.flip, batch_size=args.batch_size,
+                  num_workers=args.num_workers, device=args.device, overwrite=args.overwrite, quiet=args.quiet)
     return 0

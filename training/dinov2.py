@@ -26,6 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dar_fast.errors import UsageError
+
 __all__ = ["ARCHS", "DINOv2", "load_dinov2", "IMAGENET_MEAN", "IMAGENET_STD"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -154,7 +156,7 @@ class DINOv2(nn.Module):
         (B, 1 + registers + H/14 * W/14, D)."""
         B, _, H, W = x.shape
         if H % self.patch_size or W % self.patch_size:
-            raise ValueError(f"input {H}x{W} is not a multiple of the patch size {self.patch_size}")
+            raise UsageError(f"input {H}x{W} is not a multiple of the patch size {self.patch_size}")
         t = self.patch_embed(x)                                                           # (B, N, D)
         t = torch.cat([self.cls_token.expand(B, -1, -1).to(t.dtype), t], dim=1)          # (B, 1+N, D)
         t = t + self.interpolate_pos_encoding(H, W, t.dtype)
@@ -169,7 +171,7 @@ class DINOv2(nn.Module):
         """REPA targets: images (B, 3, H, W) in [-1, 1] -> patch tokens (B, (resolution/14)^2, D) after the final
         norm; (B, 256, 768) for ViT-B/14 at the default 224."""
         if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"expected images (B, 3, H, W), got {tuple(images.shape)}")
+            raise UsageError(f"expected images (B, 3, H, W), got {tuple(images.shape)}")
         dtype = self.pos_embed.dtype
         x = (images.float() + 1) / 2
         mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
@@ -199,7 +201,7 @@ def _find_checkpoint(path: str, arch: str) -> str:
         if len(cands) == 1:
             return os.path.join(d, cands[0])
         if len(cands) > 1:
-            raise ValueError(f"several DINOv2 {arch} checkpoints in {d}: {cands}; pass the file")
+            raise UsageError(f"several DINOv2 {arch} checkpoints in {d}: {cands}; pass the file")
     raise FileNotFoundError(f"no dinov2_{arch}*.pth in {path} or {os.path.join(path, 'checkpoints')}")
 
 
@@ -209,7 +211,7 @@ def load_dinov2(path_or_dir: str, arch: str = "vitb14", device="cpu", dtype: Opt
     detected from the checkpoint. Every key must be consumed and every shape must match: a mismatch is an
     error naming the keys. ``overrides`` change the ARCHS entry (embed_dim, depth, num_heads, img_size...)."""
     if arch not in ARCHS:
-        raise ValueError(f"unknown DINOv2 arch {arch!r}; choose one of {', '.join(ARCHS)}")
+        raise UsageError(f"unknown DINOv2 arch {arch!r}; choose one of {', '.join(ARCHS)}")
     ckpt = _find_checkpoint(os.path.expanduser(os.fspath(path_or_dir)), arch)
     sd = torch.load(ckpt, map_location="cpu", weights_only=True)
     if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
@@ -228,7 +230,7 @@ def load_dinov2(path_or_dir: str, arch: str = "vitb14", device="cpu", dtype: Opt
     bad_shape = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
                  for k in own if k in sd and sd[k].shape != own[k].shape]
     if missing or unexpected or bad_shape:
-        raise ValueError(f"{ckpt} does not match DINOv2 {arch} ({cfg}): missing {missing[:8]}, unexpected "
+        raise UsageError(f"{ckpt} does not match DINOv2 {arch} ({cfg}): missing {missing[:8]}, unexpected "
                          f"{unexpected[:8]}, shape mismatches {bad_shape[:8]}")
     model.load_state_dict(sd, strict=True, assign=True)
     return model.to(device=device, dtype=dtype or torch.float32).requires_grad_(False)

@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 # Dense bf16 tensor-core peaks (TFLOP/s, spec sheets) for MFU come from the one device table, dar_fast.perf.DEVICES;
 # override with DAR_FAST_PEAK_TFLOPS for other parts.
+from dar_fast.errors import UsageError
 from dar_fast import perf as _perf  # noqa: E402
 
 PEAK_BF16_TFLOPS = [(pat, d.bf16_tflops) for pat, d in _perf.DEVICES]
@@ -48,7 +49,7 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(v) if v not in (None, "") else default
     except ValueError as e:
-        raise ValueError(f"environment variable {name}={v!r} is not an integer") from e
+        raise UsageError(f"environment variable {name}={v!r} is not an integer") from e
 
 
 def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistEnv:
@@ -116,7 +117,7 @@ def agree(ok: bool, message: str, env: DistEnv) -> None:
     msgs = all_gather_object(None if ok else message, env)
     bad = [m for m in msgs if m]
     if bad:
-        raise ValueError(bad[0])
+        raise UsageError(bad[0])
 
 
 # ====================================================================================== tensors

@@ -28,6 +28,8 @@ import time
 import numpy as np
 import torch
 
+from dar_fast.errors import UsageError
+
 CODES_NAME = "codes.npy"
 LABELS_NAME = "labels.npy"
 META_NAME = "meta.json"
@@ -49,9 +51,9 @@ def extract_codes(tokenizer, data, out: str, *, loader: str = "auto", flip: bool
         env = D.init_distributed(device)
     try:
         if loader not in LOADERS:
-            raise ValueError(f"unknown loader {loader!r}; choose one of {', '.join(LOADERS)}")
+            raise UsageError(f"unknown loader {loader!r}; choose one of {', '.join(LOADERS)}")
         if batch_size <= 0:
-            raise ValueError(f"--batch-size must be positive, got {batch_size}")
+            raise UsageError(f"--batch-size must be positive, got {batch_size}")
         log = D.RankLog(env, 0, quiet=quiet)
         if isinstance(tokenizer, (str, os.PathLike)):
             from dar_fast.api import load_tokenizer
@@ -61,7 +63,7 @@ def extract_codes(tokenizer, data, out: str, *, loader: str = "auto", flip: bool
             tok, tok_name = tokenizer.to(env.device).eval(), None
         H, W = tok.image_size
         if H != W:
-            raise ValueError(f"extract-codes needs a square tokenizer, this one is {H}x{W}")
+            raise UsageError(f"extract-codes needs a square tokenizer, this one is {H}x{W}")
         ok = True
         msg = ""
         if env.is_main:
@@ -76,9 +78,9 @@ def extract_codes(tokenizer, data, out: str, *, loader: str = "auto", flip: bool
         try:
             source = open_source(data)
         except (PermissionError, NotADirectoryError, ImportError) as e:
-            raise ValueError(str(e)) from e
+            raise UsageError(str(e)) from e
         if loader == "memory" and not isinstance(source, ArraySource):
-            raise ValueError("loader='memory' takes in-memory arrays ('digits'); use 'torch' or 'dali' for files")
+            raise UsageError("loader='memory' takes in-memory arrays ('digits'); use 'torch' or 'dali' for files")
         workers = 0 if isinstance(source, ArraySource) or num_workers <= 0 else int(num_workers)
         ld = make_ordered_loader(source, H, batch_size, rank=env.rank, world_size=env.world_size, loader=loader,
                                  device=env.device, num_workers=workers)

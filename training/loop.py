@@ -103,7 +103,7 @@ class EMA:
         if sd is not None:
             missing = [n for n in self.names if n not in sd]
             if missing:
-                raise ValueError(f"checkpoint EMA lacks {missing[:8]}")
+                raise UsageError(f"checkpoint EMA lacks {missing[:8]}")
         for n, s in zip(self.names, self.shadow):
             if hasattr(s, "placements"):
                 from torch.distributed.tensor import distribute_tensor
@@ -178,7 +178,7 @@ class Trainer:
         self.amp = self.device.type == "cuda" and not getattr(args, "no_bf16", False)
         self.steps = int(args.steps)
         if self.steps <= 0:
-            raise ValueError(f"--steps must be positive, got {args.steps}")
+            raise UsageError(f"--steps must be positive, got {args.steps}")
         self.log_every = max(1, int(args.log_every))
         self.ckpt_every = int(args.ckpt_every or 0)
         self.global_batch = int(args.batch_size)
@@ -186,7 +186,7 @@ class Trainer:
         self.rank_batch = split_global_batch(self.global_batch, env.world_size)
         self.accum = int(getattr(args, "grad_accum", 1) or 1)
         if self.accum <= 0 or self.rank_batch % self.accum:
-            raise ValueError(f"the per-rank batch {self.rank_batch} (global {self.global_batch} over "
+            raise UsageError(f"the per-rank batch {self.rank_batch} (global {self.global_batch} over "
                              f"{env.world_size} ranks) does not split into --grad-accum {self.accum} equal micro-batches")
         self.micro_batch = self.rank_batch // self.accum
         self.out = args.out
@@ -458,9 +458,9 @@ class Trainer:
             small = {k: v for k, v in ck.items() if k not in big} | {"has_ema": ck.get("ema") is not None}
         ckpt_io.check_fingerprint(small, self.kind, self.fingerprint(), path)
         if len(small["loader"]) != env.world_size or len(small["rng"]) != env.world_size:
-            raise ValueError(f"{path} was written by {len(small['loader'])} rank(s); this run has {env.world_size}")
+            raise UsageError(f"{path} was written by {len(small['loader'])} rank(s); this run has {env.world_size}")
         if ema.enabled and not small["has_ema"]:
-            raise ValueError(f"{path} has no EMA state but this run uses --ema {ema.decay}")
+            raise UsageError(f"{path} has no EMA state but this run uses --ema {ema.decay}")
         if sharded:
             ckpt_io.load_model_state_dict(objective, ck["model"] if env.is_main else {}, "fsdp")
             ckpt_io.load_optimizer_state_dict(objective, optimizer, ck["optimizer"] if env.is_main else {},

@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dar_fast import ops
+from dar_fast.errors import UsageError
 from dar_fast.models.diffusion import time_shift, training_group
 
 COMMIT_BETA = 0.25
@@ -82,7 +83,7 @@ def pool_tokens(x: torch.Tensor, count: int) -> torch.Tensor:
         return x
     s, g = int(round(T ** 0.5)), int(round(count ** 0.5))
     if s * s != T or g * g != count:
-        raise ValueError(f"REPA: cannot pool {T} target tokens to {count} (not square grids)")
+        raise UsageError(f"REPA: cannot pool {T} target tokens to {count} (not square grids)")
     grid = x.transpose(1, 2).reshape(B, C, s, s)
     return F.adaptive_avg_pool2d(grid.float(), g).flatten(2).transpose(1, 2).to(x.dtype)
 
@@ -92,7 +93,7 @@ def cosine_repa_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     (B,T,C). REPA writes -cos: the same gradient, shifted by 1 (we log the non-negative one). The target is
     detached: gradients reach ``pred`` only."""
     if pred.shape != target.shape:
-        raise ValueError(f"REPA loss: pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
+        raise UsageError(f"REPA loss: pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
     return (1.0 - F.cosine_similarity(pred.float(), target.detach().float(), dim=-1)).mean()
 
 
@@ -108,11 +109,11 @@ class TokenizerObjective(nn.Module):
             raise UsageError("tokenizer config: vq_enable: false (the released continuous bottleneck) cannot be trained "
                              "here: this trainer learns a VQ codebook (it loads and reconstructs with one)")
         if lpips_weight > 0 and lpips is None:
-            raise ValueError("lpips_weight > 0 needs an LPIPS network")
+            raise UsageError("lpips_weight > 0 needs an LPIPS network")
         if repa_weight > 0 and dino is None:
-            raise ValueError("repa_weight > 0 needs a DINOv2 encoder")
+            raise UsageError("repa_weight > 0 needs a DINOv2 encoder")
         if repa_weight > 0 and tok.net.repa_out is None:
-            raise ValueError("repa_weight > 0 but this tokenizer config has no REPA head (repa_head=False or "
+            raise UsageError("repa_weight > 0 but this tokenizer config has no REPA head (repa_head=False or "
                              "diff_decoder.repa_layer >= depth)")
         # frozen networks: plain attributes, outside the module tree (no DDP sync, no sharding, no checkpoint)
         self.__dict__["lpips"] = lpips

@@ -21,6 +21,8 @@ from typing import Dict, Optional
 import torch
 import torch.nn as nn
 
+from dar_fast.errors import MissingPackage, UsageError
+
 __all__ = ["LPIPS", "VGG16Features", "VGG16_CONVS", "LPIPS_TAPS", "LPIPS_CHANNELS"]
 
 # torchvision vgg16 "D" config: conv widths, "M" = 2x2 max-pool. Index = position in ``features``.
@@ -92,7 +94,7 @@ def _check_keys(sd, own, path, what, ignore_prefix=()):
     bad = [f"{k}: file {tuple(used[k].shape)} vs {tuple(own[k].shape)}" for k in own
            if k in used and used[k].shape != own[k].shape]
     if missing or unexpected or bad:
-        raise ValueError(f"{path} is not the {what}: missing {missing[:6]}, unexpected {unexpected[:6]}, "
+        raise UsageError(f"{path} is not the {what}: missing {missing[:6]}, unexpected {unexpected[:6]}, "
                          f"shape mismatches {bad[:6]}")
     return used
 
@@ -107,7 +109,7 @@ class LPIPS(nn.Module):
     def __init__(self, vgg_path: Optional[str], lin_path: Optional[str], backend: str = "builtin"):
         super().__init__()
         if backend not in ("builtin", "lpips"):
-            raise ValueError(f"unknown LPIPS backend {backend!r}; choose 'builtin' or 'lpips'")
+            raise UsageError(f"unknown LPIPS backend {backend!r}; choose 'builtin' or 'lpips'")
         vgg = VGG16Features()
         lins = nn.ModuleDict({f"lin{k}": _Lin(c) for k, c in enumerate(LPIPS_CHANNELS)})
         vgg_sd = _check_keys(_load_state(vgg_path, _VGG_WHAT), vgg.state_dict(), vgg_path, _VGG_WHAT,
@@ -130,7 +132,7 @@ class LPIPS(nn.Module):
         try:
             import lpips
         except ImportError as e:
-            raise ImportError("backend='lpips' needs the lpips package (pip install lpips; it needs torchvision); "
+            raise MissingPackage("backend='lpips' needs the lpips package (pip install lpips; it needs torchvision); "
                               "the default backend='builtin' needs neither") from e
         # pnet_rand: do not download torchvision's VGG; our file goes into its slices instead.
         self.impl = lpips.LPIPS(net="vgg", version="0.1", pretrained=True, model_path=lin_path, pnet_rand=True,
@@ -149,7 +151,7 @@ class LPIPS(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if x.shape != y.shape or x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"LPIPS expects two (B, 3, H, W) images of one shape, got {tuple(x.shape)} and "
+            raise UsageError(f"LPIPS expects two (B, 3, H, W) images of one shape, got {tuple(x.shape)} and "
                              f"{tuple(y.shape)}")
         if self.backend == "lpips":
             return self.impl(x, y).flatten()

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from dar_fast.errors import UsageError
 from dar_fast.training.distributed import DistEnv
 
 # DDP below this many parameters, FSDP2 above (see the module docstring)
@@ -93,7 +94,7 @@ def count_params(module: nn.Module) -> int:
 
 def resolve_strategy(strategy: str, module: nn.Module, env: DistEnv) -> str:
     if strategy not in STRATEGIES:
-        raise ValueError(f"unknown distribution strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        raise UsageError(f"unknown distribution strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     if strategy == "auto":
         if not env.distributed:
             return "none"

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from dar_fast.config import TokenizerConfig, tokenizer_config
+from dar_fast.errors import UsageError
 from dar_fast.models import Tokenizer
 from dar_fast.training import distributed as D
 from dar_fast.training.losses import TokenizerObjective
@@ -48,7 +49,7 @@ from dar_fast.perf import tokenizer_forward_flops, tokenizer_train_flops  # noqa
 
 def load_lpips(vgg: Optional[str], lin: Optional[str], device) -> nn.Module:
     if not vgg or not lin:
-        raise ValueError("--lpips-weight > 0 needs the frozen LPIPS weights: --lpips-vgg (torchvision VGG16 "
+        raise UsageError("--lpips-weight > 0 needs the frozen LPIPS weights: --lpips-vgg (torchvision VGG16 "
                          "state dict) and --lpips-lin (LPIPS linear layers, e.g. lpips' weights/v0.1/vgg.pth); "
                          "or pass --lpips-weight 0")
     try:
@@ -61,7 +62,7 @@ def load_lpips(vgg: Optional[str], lin: Optional[str], device) -> nn.Module:
 
 def load_dino(path: Optional[str], device):
     if not path:
-        raise ValueError("--repa-weight > 0 needs the frozen DINOv2-B encoder: --dinov2 (a local torch.hub "
+        raise UsageError("--repa-weight > 0 needs the frozen DINOv2-B encoder: --dinov2 (a local torch.hub "
                          "directory or a state dict); or pass --repa-weight 0")
     try:
         from dar_fast.training.dinov2 import load_dinov2
@@ -87,7 +88,7 @@ class TokenizerTrainer(Trainer):
         self.activation_checkpointing = self.activation_checkpointing or ckpt
         H, W = cfg.image_size
         if H != W:
-            raise ValueError(f"tokenizer training needs square images, the config says {H}x{W}")
+            raise UsageError(f"tokenizer training needs square images, the config says {H}x{W}")
         self.cfg = cfg
         self.lpips_weight = _pick(args, "lpips_weight", args.preset)
         has_head = cfg.repa_head and cfg.diff_decoder.repa_layer < cfg.diff_decoder.depth
@@ -95,9 +96,9 @@ class TokenizerTrainer(Trainer):
         self.repa_weight = _pick(args, "repa_weight", args.preset) if (has_head or args.repa_weight is not None) else 0.0
         for name, w in (("--lpips-weight", self.lpips_weight), ("--repa-weight", self.repa_weight)):
             if w < 0 or not math.isfinite(w):
-                raise ValueError(f"{name} must be >= 0, got {w}")
+                raise UsageError(f"{name} must be >= 0, got {w}")
         if self.repa_weight > 0 and (not cfg.repa_head or cfg.diff_decoder.repa_layer >= cfg.diff_decoder.depth):
-            raise ValueError(f"--repa-weight {self.repa_weight} but preset {args.preset!r} has no REPA head "
+            raise UsageError(f"--repa-weight {self.repa_weight} but preset {args.preset!r} has no REPA head "
                              f"(repa_head={cfg.repa_head}, repa_layer={cfg.diff_decoder.repa_layer}, "
                              f"depth={cfg.diff_decoder.depth}); pass --repa-weight 0")
         self.lpips = load_lpips(args.lpips_vgg, args.lpips_lin, self.device) if self.lpips_weight > 0 else None
@@ -118,7 +119,7 @@ class TokenizerTrainer(Trainer):
             missing, unexpected = tok.load_state_dict(src.state_dict(), strict=False)
             bad = [k for k in missing if not k.startswith("diff_decoder.net.repa_out.")] + list(unexpected)
             if bad:
-                raise ValueError(f"--init {self.args.init} does not match preset {self.args.preset!r}: {bad[:8]}")
+                raise UsageError(f"--init {self.args.init} does not match preset {self.args.preset!r}: {bad[:8]}")
         if tok.net.repa_out is not None and self.repa_weight == 0:
             tok.net.repa_out.requires_grad_(False)      # unused: no gradient, no optimizer state, no DDP error
         return tok

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
 import torch
 
+from dar_fast.cli import report_user_error, user_errors
+from dar_fast.errors import UsageError
 from dar_fast.eval.inception import INCEPTION_ENV, POOL_DIM, SPATIAL_DIM, extract_features, load_inception
 from dar_fast.eval.metrics import compute_statistics, frechet_distance, inception_score, precision_recall
 from dar_fast.eval.npz import load_reference, load_samples, write_json_atomic
@@ -45,11 +46,6 @@ def register(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _fail(msg: str) -> int:
-    print(f"dar-fast eval: error: {msg}", file=sys.stderr)
-    return 2
-
-
 def run(args: argparse.Namespace) -> int:
     """Compute the metrics; print a table; write --out. Returns 0, or 2 with a message on bad input."""
     progress = not getattr(args, "no_progress", False)
@@ -58,13 +54,13 @@ def run(args: argparse.Namespace) -> int:
     # ---- check every input before the expensive part, so a typo fails in seconds and writes nothing
     try:
         if batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+            raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
         try:
             device = torch.device(getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu"))
         except RuntimeError as e:
-            raise ValueError(f"--device {args.device!r}: {e}") from e
+            raise UsageError(f"--device {args.device!r}: {e}") from e
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: CUDA is not available")
+            raise UsageError(f"--device {device}: CUDA is not available")
         out = getattr(args, "out", None)
         if out and not os.path.isdir(os.path.dirname(os.path.abspath(out))):
             raise FileNotFoundError(f"--out {out}: directory {os.path.dirname(os.path.abspath(out))} does not exist")
@@ -73,20 +69,20 @@ def run(args: argparse.Namespace) -> int:
         n = getattr(args, "num_samples", None)
         if n is not None:
             if n < 1 or n > len(images):
-                raise ValueError(f"--num-samples {n}: {args.sample} holds {len(images)} samples")
+                raise UsageError(f"--num-samples {n}: {args.sample} holds {len(images)} samples")
             images = images[:n]
         if len(images) < MIN_SAMPLES:
-            raise ValueError(f"{args.sample}: {len(images)} samples; need at least {MIN_SAMPLES} "
+            raise UsageError(f"{args.sample}: {len(images)} samples; need at least {MIN_SAMPLES} "
                              f"(IS uses {IS_SPLITS} splits)")
         ref = load_reference(args.ref)
         if ref.images is not None and len(ref.images) < MIN_SAMPLES:
-            raise ValueError(f"{args.ref}: {len(ref.images)} reference images; need at least {MIN_SAMPLES}")
+            raise UsageError(f"{args.ref}: {len(ref.images)} reference images; need at least {MIN_SAMPLES}")
         for name, mu, dim in (("mu", ref.mu, POOL_DIM), ("mu_s", ref.mu_s, SPATIAL_DIM)):
             if mu is not None and mu.shape != (dim,):
-                raise ValueError(f"{args.ref}: '{name}' has shape {mu.shape}; "
+                raise UsageError(f"{args.ref}: '{name}' has shape {mu.shape}; "
                                  f"the TF-Inception features have {dim} dims")
-    except (FileNotFoundError, ValueError) as e:
-        return _fail(str(e))
+    except user_errors() as e:      # run() is also called directly: report the main CLI's way
+        return report_user_error("dar-fast eval", e, getattr(args, "debug", False))
 
     # ---- features
     t0 = time.perf_counter()

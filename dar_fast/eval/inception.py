@@ -44,6 +44,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dar_fast.errors import UsageError
 from dar_fast.eval.metrics import full_fp32
 
 INCEPTION_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
@@ -347,9 +348,9 @@ def load_inception(path: Optional[Union[str, os.PathLike]] = None, device: Union
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt file, HTML saved instead of the weights, a pickled module...
-        raise ValueError(f"{p}: cannot read as a PyTorch state dict ({type(e).__name__}: {e}).\n{_WHERE_TO_GET}") from e
+        raise UsageError(f"{p}: cannot read as a PyTorch state dict ({type(e).__name__}: {e}).\n{_WHERE_TO_GET}") from e
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{p}: expected a state dict (name -> tensor) of {INCEPTION_FILENAME}, "
+        raise UsageError(f"{p}: expected a state dict (name -> tensor) of {INCEPTION_FILENAME}, "
                          f"got {type(state).__name__}")
     with torch.device("meta"):  # no random init of 24M weights that the file overwrites anyway
         model = InceptionV3FID()
@@ -379,7 +380,7 @@ def load_inception_state_dict(model: InceptionV3FID, state: Dict[str, torch.Tens
             parts.append(f"unexpected {len(unexpected)} tensors: {show(unexpected)}")
         if shapes:
             parts.append(f"{len(shapes)} shape mismatches: {show(shapes)}")
-        raise ValueError("\n  ".join(parts))
+        raise UsageError("\n  ".join(parts))
     model.load_state_dict({k: v.to(torch.float32, copy=True).contiguous() for k, v in state.items()},
                           strict=True, assign=True)
     return model

@@ -17,6 +17,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from dar_fast.errors import UsageError
 from dar_fast.io import PathLike, atomic_write, write_json_atomic  # noqa: F401  (re-exported)
 
 
@@ -31,9 +32,9 @@ def _open_npz(path: PathLike, what: str):
     try:
         f = np.load(p, allow_pickle=False)
     except Exception as e:
-        raise ValueError(f"{p}: not a readable .npz file ({type(e).__name__}: {e})") from e
+        raise UsageError(f"{p}: not a readable .npz file ({type(e).__name__}: {e})") from e
     if not isinstance(f, np.lib.npyio.NpzFile):
-        raise ValueError(f"{p}: is a single .npy array, expected an .npz archive with arr_0 (np.savez(path, images))")
+        raise UsageError(f"{p}: is a single .npy array, expected an .npz archive with arr_0 (np.savez(path, images))")
     return f
 
 
@@ -41,18 +42,18 @@ def _get(f, key: str, path: PathLike) -> np.ndarray:
     try:
         return f[key]
     except Exception as e:  # object arrays (pickles), truncated members
-        raise ValueError(f"{path}: cannot read '{key}' ({type(e).__name__}: {e})") from e
+        raise UsageError(f"{path}: cannot read '{key}' ({type(e).__name__}: {e})") from e
 
 
 def _check_images(images: np.ndarray, path: PathLike) -> np.ndarray:
     if images.dtype != np.uint8:
-        raise ValueError(f"{path}: arr_0 has dtype {images.dtype}; expected uint8 pixel values 0..255 "
+        raise UsageError(f"{path}: arr_0 has dtype {images.dtype}; expected uint8 pixel values 0..255 "
                          f"with shape (N, H, W, 3)")
     if images.ndim != 4 or images.shape[-1] != 3:
         hint = " (looks channels-first: transpose to (N, H, W, 3))" if images.ndim == 4 and images.shape[1] == 3 else ""
-        raise ValueError(f"{path}: arr_0 has shape {images.shape}; expected RGB images (N, H, W, 3){hint}")
+        raise UsageError(f"{path}: arr_0 has shape {images.shape}; expected RGB images (N, H, W, 3){hint}")
     if images.shape[0] == 0 or images.shape[1] == 0 or images.shape[2] == 0:
-        raise ValueError(f"{path}: arr_0 is empty: shape {images.shape}")
+        raise UsageError(f"{path}: arr_0 is empty: shape {images.shape}")
     return images
 
 
@@ -65,12 +66,12 @@ def load_samples(path: PathLike) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     """
     with _open_npz(path, "sample") as f:
         if "arr_0" not in f.files:
-            raise ValueError(f"{path}: no 'arr_0' array (has: {', '.join(f.files) or 'nothing'}); expected images "
+            raise UsageError(f"{path}: no 'arr_0' array (has: {', '.join(f.files) or 'nothing'}); expected images "
                              f"uint8 (N, H, W, 3) in arr_0, as np.savez(path, images, labels) writes")
         images = _check_images(_get(f, "arr_0", path), path)
         labels = _get(f, "arr_1", path) if "arr_1" in f.files else None
     if labels is not None and (labels.shape != (images.shape[0],) or labels.dtype.kind not in "iu"):
-        raise ValueError(f"{path}: arr_1 (labels) has shape {labels.shape} dtype {labels.dtype}; "
+        raise UsageError(f"{path}: arr_1 (labels) has shape {labels.shape} dtype {labels.dtype}; "
                          f"expected integers of shape ({images.shape[0]},)")
     return images, labels
 
@@ -90,9 +91,9 @@ class Reference:
 def _check_stats(mu: np.ndarray, sigma: np.ndarray, names: str, path: PathLike):
     mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-        raise ValueError(f"{path}: {names} have shapes {mu.shape} and {sigma.shape}; expected (D,) and (D, D)")
+        raise UsageError(f"{path}: {names} have shapes {mu.shape} and {sigma.shape}; expected (D,) and (D, D)")
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-        raise ValueError(f"{path}: {names} contain NaN or inf")
+        raise UsageError(f"{path}: {names} contain NaN or inf")
     return mu, sigma
 
 
@@ -103,7 +104,7 @@ def load_reference(path: PathLike) -> Reference:
         ref = Reference(path=str(path))
         for a, b in (("mu", "sigma"), ("mu_s", "sigma_s")):
             if (a in keys) != (b in keys):
-                raise ValueError(f"{path}: has '{a if a in keys else b}' without '{b if a in keys else a}'")
+                raise UsageError(f"{path}: has '{a if a in keys else b}' without '{b if a in keys else a}'")
         if "mu" in keys:
             ref.mu, ref.sigma = _check_stats(_get(f, "mu", path), _get(f, "sigma", path), "mu/sigma", path)
         if "mu_s" in keys:
@@ -111,7 +112,7 @@ def load_reference(path: PathLike) -> Reference:
         if "arr_0" in keys:
             ref.images = _check_images(_get(f, "arr_0", path), path)
     if ref.images is None and ref.mu is None:
-        raise ValueError(f"{path}: neither images ('arr_0') nor statistics ('mu', 'sigma'); has: "
+        raise UsageError(f"{path}: neither images ('arr_0') nor statistics ('mu', 'sigma'); has: "
                          f"{', '.join(sorted(keys)) or 'nothing'}")
     return ref
 

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from dar_fast.config import ARConfig
+from dar_fast.errors import UsageError
 from dar_fast.seeding import key
 from dar_fast.training.extract_codes import CODES_NAME, LABELS_NAME, META_NAME
 
@@ -27,20 +28,20 @@ class CodeSet:
             raise FileNotFoundError(f"code directory not found: {path} (write one with dar-fast extract-codes)")
         mpath = os.path.join(path, META_NAME)
         if not os.path.exists(mpath):
-            raise ValueError(f"{path} is not a finished code directory (no {META_NAME}); run dar-fast extract-codes")
+            raise UsageError(f"{path} is not a finished code directory (no {META_NAME}); run dar-fast extract-codes")
         try:
             with open(mpath) as f:
                 self.meta = json.load(f)
             self.codes = np.load(os.path.join(path, CODES_NAME), mmap_mode="r")
             self.labels = np.load(os.path.join(path, LABELS_NAME))
         except (OSError, ValueError) as e:
-            raise ValueError(f"cannot read the codes in {path}: {e}") from e
+            raise UsageError(f"cannot read the codes in {path}: {e}") from e
         if self.codes.ndim != 3 or self.labels.shape != (self.codes.shape[0],):
-            raise ValueError(f"{path}: codes {self.codes.shape} / labels {self.labels.shape} are not (M, A, N) / (M,)")
+            raise UsageError(f"{path}: codes {self.codes.shape} / labels {self.labels.shape} are not (M, A, N) / (M,)")
         self.path = path
         self.valid = np.flatnonzero(self.labels >= 0)
         if len(self.valid) == 0:
-            raise ValueError(f"{path} holds no usable codes")
+            raise UsageError(f"{path} holds no usable codes")
 
     @property
     def num_tokens(self) -> int:
@@ -53,17 +54,17 @@ class CodeSet:
     def check(self, cfg: ARConfig) -> None:
         m = self.meta
         if self.num_tokens != cfg.block_size:
-            raise ValueError(f"codes have {self.num_tokens} tokens per image; the AR config expects block_size "
+            raise UsageError(f"codes have {self.num_tokens} tokens per image; the AR config expects block_size "
                              f"{cfg.block_size} (choose a preset that matches the tokenizer)")
         cb = int(m.get("codebook_size", 0))
         if cb != cfg.vocab_size:
-            raise ValueError(f"codes come from a codebook of {cb}; the AR config has vocab_size {cfg.vocab_size}")
+            raise UsageError(f"codes come from a codebook of {cb}; the AR config has vocab_size {cfg.vocab_size}")
         lo, hi = int(m.get("code_min", 0)), int(m.get("code_max", cb - 1))
         if lo < 0 or hi >= cfg.vocab_size:
-            raise ValueError(f"codes out of range [{lo}, {hi}] for vocab_size {cfg.vocab_size}")
+            raise UsageError(f"codes out of range [{lo}, {hi}] for vocab_size {cfg.vocab_size}")
         top = int(self.labels.max())
         if top >= cfg.num_classes:
-            raise ValueError(f"labels go up to {top} but the AR config has num_classes {cfg.num_classes}")
+            raise UsageError(f"labels go up to {top} but the AR config has num_classes {cfg.num_classes}")
 
 
 class CodesLoader(StreamState):

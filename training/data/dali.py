@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dar_fast.errors import MissingPackage, UsageError
+
 from .sources import _EncodedSource, _looks_like_image
 from .transforms import Decoder
 
@@ -50,9 +52,9 @@ def dali_available() -> bool:
 def check_dali(source, device: torch.device) -> None:
     """The DALI backend's preconditions: encoded files, DALI importable, CUDA present when asked for."""
     if not isinstance(source, _EncodedSource):
-        raise ValueError("loader='dali' decodes encoded image files; use loader='memory' for in-memory arrays")
+        raise UsageError("loader='dali' decodes encoded image files; use loader='memory' for in-memory arrays")
     if not dali_available():
-        raise ImportError(DALI_HINT)
+        raise MissingPackage(DALI_HINT)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device {device} requested but CUDA is not available")
 

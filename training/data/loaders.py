@@ -18,6 +18,8 @@ from typing import Iterable, Tuple, Union
 import numpy as np
 import torch
 
+from dar_fast.errors import MissingPackage, UsageError
+
 from . import dali as _dali
 from .sharding import Sharding, StreamState
 from .sources import ArraySource, Source, open_source, where
@@ -233,24 +235,24 @@ class DaliLoader(_Loader):
 def open_checked(source, image_size, batch_size, rank, world_size, num_workers, loader):
     """Validate the arguments shared by both factories; open the source; resolve loader="auto"."""
     if loader not in LOADERS:
-        raise ValueError(f"unknown loader {loader!r}; choose one of {', '.join(LOADERS)}")
+        raise UsageError(f"unknown loader {loader!r}; choose one of {', '.join(LOADERS)}")
     if int(image_size) != image_size or image_size <= 0:
-        raise ValueError(f"image_size must be a positive integer, got {image_size}")
+        raise UsageError(f"image_size must be a positive integer, got {image_size}")
     if int(batch_size) != batch_size or batch_size <= 0:
-        raise ValueError(f"batch_size (per rank) must be a positive integer, got {batch_size}")
+        raise UsageError(f"batch_size (per rank) must be a positive integer, got {batch_size}")
     if int(world_size) != world_size or world_size <= 0:
-        raise ValueError(f"world_size must be a positive integer, got {world_size}")
+        raise UsageError(f"world_size must be a positive integer, got {world_size}")
     if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is out of range for world_size {world_size}")
+        raise UsageError(f"rank {rank} is out of range for world_size {world_size}")
     if num_workers < 0:
-        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        raise UsageError(f"num_workers must be >= 0, got {num_workers}")
     if loader == "dali" and not _dali.dali_available():
-        raise ImportError(_dali.DALI_HINT)
+        raise MissingPackage(_dali.DALI_HINT)
     src = open_source(source)
     if loader == "auto":
         loader = "memory" if isinstance(src, ArraySource) else ("dali" if _dali.dali_available() else "torch")
     if loader == "memory" and not isinstance(src, ArraySource):
-        raise ValueError("loader='memory' takes in-memory arrays (ArraySource or 'digits'); use 'torch' or 'dali' "
+        raise UsageError("loader='memory' takes in-memory arrays (ArraySource or 'digits'); use 'torch' or 'dali' "
                          "for files")
     return src, loader
 
@@ -266,7 +268,7 @@ def make_loader(source: Source, image_size: int, batch_size: int, *, rank: int =
     memory loader for arrays, else torch), "dali", "torch" or "memory". ``augment``: "center" or
     "random_crop_flip"; ``flip`` adds random horizontal flips to "center"."""
     if augment not in AUGMENTS:
-        raise ValueError(f"unknown augment {augment!r}; choose one of {', '.join(AUGMENTS)}")
+        raise UsageError(f"unknown augment {augment!r}; choose one of {', '.join(AUGMENTS)}")
     src, loader = open_checked(source, image_size, batch_size, rank, world_size, num_workers, loader)
     cls = {"memory": MemoryLoader, "torch": TorchLoader, "dali": DaliLoader}[loader]
     return cls(src, int(image_size), int(batch_size), int(rank), int(world_size), int(seed), augment, flip,

@@ -19,6 +19,7 @@ from typing import Iterator, List, Tuple
 import numpy as np
 import torch
 
+from dar_fast.errors import UsageError
 from dar_fast.seeding import key
 
 __all__ = ["split_global_batch", "epoch_permutation", "shard_bounds", "Sharding", "OrderedSharding",
@@ -30,11 +31,11 @@ Position = Tuple[int, int, int]       # (epoch, j, data-set index)
 def split_global_batch(global_batch: int, world_size: int) -> int:
     """Per-rank batch size for ``global_batch`` over ``world_size`` ranks; a clear error if it does not divide."""
     if int(global_batch) != global_batch or global_batch <= 0:
-        raise ValueError(f"global batch size must be a positive integer, got {global_batch}")
+        raise UsageError(f"global batch size must be a positive integer, got {global_batch}")
     if int(world_size) != world_size or world_size <= 0:
-        raise ValueError(f"world size must be a positive integer, got {world_size}")
+        raise UsageError(f"world size must be a positive integer, got {world_size}")
     if global_batch % world_size:
-        raise ValueError(f"global batch size {global_batch} is not divisible by the world size {world_size} "
+        raise UsageError(f"global batch size {global_batch} is not divisible by the world size {world_size} "
                          f"(each rank needs the same batch); use a multiple of {world_size}, e.g. "
                          f"{(global_batch // world_size + 1) * world_size}")
     return global_batch // world_size
@@ -65,7 +66,7 @@ class Sharding:
         step = batch_size * world_size
         if drop_last:
             if n < step:
-                raise ValueError(f"the {what} has {n} samples, fewer than one global batch "
+                raise UsageError(f"the {what} has {n} samples, fewer than one global batch "
                                  f"({batch_size} x {world_size} ranks = {step}); {hint}")
             used = (n // step) * step
         else:
@@ -140,10 +141,10 @@ class StreamState:
         state is accepted: with no corrupt images every rank is at the same index)."""
         for k in self.ORDER_KEYS:
             if k in sd and sd[k] != getattr(self, k):
-                raise ValueError(f"{self.what} state was saved with {k}={sd[k]!r} but this loader has "
+                raise UsageError(f"{self.what} state was saved with {k}={sd[k]!r} but this loader has "
                                  f"{k}={getattr(self, k)!r}: the sample order would not continue")
         epoch, index = int(sd["epoch"]), int(sd["index"])
         if not 0 <= index < per_rank or epoch < 0:
-            raise ValueError(f"{self.what} state position epoch={epoch} index={index} is out of range "
+            raise UsageError(f"{self.what} state position epoch={epoch} index={index} is out of range "
                              f"(0 <= index < {per_rank})")
         return epoch, index

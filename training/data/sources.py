@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dar_fast.errors import MissingPackage, UsageError
+
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".tif", ".tiff", ".webp")
 TAR_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")          # webdataset image fields, in order of preference
 TAR_LABEL_EXTS = ("cls", "json", "txt")                   # webdataset label fields, in order of preference
@@ -51,28 +53,28 @@ class ArraySource:
         if images.ndim == 3:
             images = images[..., None]
         if images.ndim != 4 or images.shape[-1] not in (1, 3):
-            raise ValueError(f"ArraySource: images must be (N, H, W, 3), (N, H, W, 1) or (N, H, W) channels-last, "
+            raise UsageError(f"ArraySource: images must be (N, H, W, 3), (N, H, W, 1) or (N, H, W) channels-last, "
                              f"got shape {tuple(images.shape)}")
         if images.shape[-1] == 1:
             images = np.repeat(images, 3, axis=-1)
         if images.dtype != np.uint8:
             if not np.issubdtype(images.dtype, np.floating):
-                raise ValueError(f"ArraySource: images must be uint8 or float, got {images.dtype}")
+                raise UsageError(f"ArraySource: images must be uint8 or float, got {images.dtype}")
             lo, hi = value_range
             images = np.clip(np.rint((images.astype(np.float64) - lo) * (255.0 / (hi - lo))), 0, 255).astype(np.uint8)
         if labels.shape != (images.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
-            raise ValueError(f"ArraySource: labels must be integers of shape ({images.shape[0]},), "
+            raise UsageError(f"ArraySource: labels must be integers of shape ({images.shape[0]},), "
                              f"got {labels.dtype} {tuple(labels.shape)}")
         if images.shape[0] == 0:
-            raise ValueError("ArraySource: no images")
+            raise UsageError("ArraySource: no images")
         if labels.min() < 0:
-            raise ValueError("ArraySource: labels must be >= 0")
+            raise UsageError("ArraySource: labels must be >= 0")
         self.images = np.ascontiguousarray(images)
         self.labels = labels.astype(np.int64)
         n_cls = int(self.labels.max()) + 1
         self.classes = list(classes) if classes is not None else [str(i) for i in range(n_cls)]
         if len(self.classes) < n_cls:
-            raise ValueError(f"ArraySource: {len(self.classes)} class names for label ids up to {n_cls - 1}")
+            raise UsageError(f"ArraySource: {len(self.classes)} class names for label ids up to {n_cls - 1}")
 
     def __len__(self):
         return len(self.labels)
@@ -96,7 +98,7 @@ class _EncodedSource:
     def load(self, idx: int) -> Image.Image:
         data = self.read_bytes(idx)
         if not _looks_like_image(data):
-            raise ValueError("not an image (magic bytes)")
+            raise UsageError("not an image (magic bytes)")
         img = Image.open(io.BytesIO(data))
         return img.convert("RGB")
 
@@ -120,9 +122,9 @@ class FolderSource(_EncodedSource):
         if not class_dirs:
             loose = [e.name for e in entries if e.name.lower().endswith(IMG_EXTENSIONS)]
             if loose:
-                raise ValueError(f"{root} holds images but no class sub-directories; the ImageFolder layout is "
+                raise UsageError(f"{root} holds images but no class sub-directories; the ImageFolder layout is "
                                  f"root/<class>/<image> (found e.g. {loose[0]})")
-            raise ValueError(f"data directory is empty (no class sub-directories): {root}")
+            raise UsageError(f"data directory is empty (no class sub-directories): {root}")
         self.root = root
         self.classes = [e.name for e in class_dirs]
         paths, labels = [], []
@@ -138,7 +140,7 @@ class FolderSource(_EncodedSource):
                           f"{'y' if len(self.skipped_files) == 1 else 'ies'} that are not regular files "
                           f"(e.g. {self.skipped_files[0]})", stacklevel=2)
         if not paths:
-            raise ValueError(f"no images under {root} (looked for {', '.join(IMG_EXTENSIONS)} in "
+            raise UsageError(f"no images under {root} (looked for {', '.join(IMG_EXTENSIONS)} in "
                              f"{len(class_dirs)} class directories)")
         self.paths = paths
         self.labels = np.asarray(labels, dtype=np.int64)
@@ -228,7 +230,7 @@ def _parse_label(ext: str, raw: bytes):
                     val = val[k]
                     break
             else:
-                raise ValueError(f"json label has none of the keys label/cls/class/class_id/target: {text[:80]}")
+                raise UsageError(f"json label has none of the keys label/cls/class/class_id/target: {text[:80]}")
         return val
     if ext == "cls":
         return int(text)
@@ -249,7 +251,7 @@ class TarSource(_EncodedSource):
     def __init__(self, shards: Sequence[str]):
         shards = [os.fspath(s) for s in shards]
         if not shards:
-            raise ValueError("no .tar shards given")
+            raise UsageError("no .tar shards given")
         for s in shards:
             if not os.path.isfile(s):
                 raise FileNotFoundError(f"tar shard not found: {s}")
@@ -259,7 +261,7 @@ class TarSource(_EncodedSource):
             try:
                 tf = tarfile.open(path, "r:")
             except tarfile.ReadError as e:
-                raise ValueError(f"cannot read {path} as an uncompressed tar shard: {e}") from e
+                raise UsageError(f"cannot read {path} as an uncompressed tar shard: {e}") from e
             samples = collections.OrderedDict()   # key -> {"img": (ext, offset, size), "label": value}
             with tf:
                 for m in tf:
@@ -281,7 +283,7 @@ class TarSource(_EncodedSource):
                             try:
                                 rec["label"] = (ext, _parse_label(ext, tf.extractfile(m).read()))
                             except (ValueError, UnicodeDecodeError) as e:
-                                raise ValueError(f"{path}: bad label in member {m.name}: {e}") from e
+                                raise UsageError(f"{path}: bad label in member {m.name}: {e}") from e
             for key, rec in samples.items():
                 if "img" not in rec:
                     continue
@@ -290,24 +292,24 @@ class TarSource(_EncodedSource):
                 sizes.append(rec["img"][2])
                 raw_labels.append(rec["label"][1] if "label" in rec else None)
         if not offsets:
-            raise ValueError(f"no images ({'/'.join(TAR_IMAGE_EXTS)}) in {len(shards)} tar shard(s), e.g. {shards[0]}")
+            raise UsageError(f"no images ({'/'.join(TAR_IMAGE_EXTS)}) in {len(shards)} tar shard(s), e.g. {shards[0]}")
         have = [v is not None for v in raw_labels]
         if not any(have):
             self.labels = np.zeros(len(raw_labels), dtype=np.int64)
             self.classes = ["0"]
         elif not all(have):
-            raise ValueError(f"{have.count(False)} of {len(have)} tar samples have no cls/json/txt label")
+            raise UsageError(f"{have.count(False)} of {len(have)} tar samples have no cls/json/txt label")
         elif all(isinstance(v, int) and not isinstance(v, bool) for v in raw_labels):
             self.labels = np.asarray(raw_labels, dtype=np.int64)
             if self.labels.min() < 0:
-                raise ValueError("tar labels must be >= 0")
+                raise UsageError("tar labels must be >= 0")
             self.classes = [str(i) for i in range(int(self.labels.max()) + 1)]
         elif all(isinstance(v, str) for v in raw_labels):
             self.classes = sorted(set(raw_labels))
             ids = {c: i for i, c in enumerate(self.classes)}
             self.labels = np.asarray([ids[v] for v in raw_labels], dtype=np.int64)
         else:
-            raise ValueError("tar labels mix integer ids and class names")
+            raise UsageError("tar labels mix integer ids and class names")
         self.shard_of = np.asarray(shard_of, dtype=np.int32)
         self.offsets = np.asarray(offsets, dtype=np.int64)
         self.sizes = np.asarray(sizes, dtype=np.int64)
@@ -344,7 +346,7 @@ def open_source(source: Source):
         paths = [p for s in source for p in _expand_braces(os.fspath(s))]
         bad = [p for p in paths if not p.endswith(".tar")]
         if bad:
-            raise ValueError(f"a list source must name .tar shards, got {bad[0]}")
+            raise UsageError(f"a list source must name .tar shards, got {bad[0]}")
         return TarSource(paths)
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"unsupported data source of type {type(source).__name__}")
@@ -386,7 +388,7 @@ def _digits_cached():           # importing scikit-learn takes ~1.5 s: do it onc
     try:
         from sklearn.datasets import load_digits
     except ImportError as e:
-        raise ImportError("the digits data set needs scikit-learn: pip install scikit-learn") from e
+        raise MissingPackage("the digits data set needs scikit-learn: pip install scikit-learn") from e
     d = load_digits()
     img = np.rint(d.images.astype(np.float64) * (255.0 / 16.0)).astype(np.uint8)       # (N, 8, 8)
     img = img.repeat(4, axis=1).repeat(4, axis=2)                                       # (N, 32, 32)
@@ -399,7 +401,7 @@ def digits_split(holdout_fraction: float = 0.1, seed: int = 0):
     ``((train_images, train_labels), (holdout_images, holdout_labels))``; each class gives
     ``round(n_class * holdout_fraction)`` images to the holdout; both parts keep the original order."""
     if not 0.0 <= holdout_fraction < 1.0:
-        raise ValueError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
+        raise UsageError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
     images, labels = load_digits_arrays()
     rng = np.random.default_rng(seed)
     hold = np.zeros(len(labels), dtype=bool)
