@@ -59,8 +59,7 @@ class ARTrainer(Trainer):
         self.lr_final = float(a.lr_final)
 
     def describe(self) -> str:
-        n = sum(p.numel() for p in self.model.parameters()) if hasattr(self, "model") else 0
-        return (f"AR {self.args.preset} ({n / 1e6:.1f}M params, {self.cfg.block_size} tokens, vocab "
+        return (f"AR {self.args.preset} ({self.num_params() / 1e6:.1f}M params, {self.cfg.block_size} tokens, vocab "
                 f"{self.cfg.vocab_size}) on {self.codeset.num_samples} coded images x {self.codeset.codes.shape[1]} aug")
 
     def build_model(self) -> ARModel:
@@ -96,15 +95,11 @@ class ARTrainer(Trainer):
             labels = torch.where(drop, torch.full_like(labels, self.cfg.num_classes), labels)
         return list(zip(codes.chunk(self.accum), labels.chunk(self.accum)))
 
-    def forward(self, wrapped, micro):
-        return wrapped(*micro)
-
     def units_per_step(self) -> float:
         return float(self.global_batch * self.cfg.block_size)
 
     def flops_per_step(self):
-        return ar_train_flops(self.cfg, self.global_batch,
-                              grad_checkpointing=self.activation_checkpointing)
+        return ar_train_flops(self.cfg, self.global_batch, grad_checkpointing=self.activation_checkpointing)
 
     def fingerprint(self) -> dict:
         return dict(model=self.cfg.to_dict(), global_batch=self.global_batch, world_size=self.env.world_size,
@@ -112,8 +107,5 @@ class ARTrainer(Trainer):
 
 
 def train_ar(args) -> dict:
-    env = D.init_distributed(getattr(args, "device", "auto"))
-    try:
-        return ARTrainer(args, env).run()
-    finally:
-        D.shutdown(env)
+    """Run AR training from parsed CLI arguments (see cli.py); returns the last metrics record."""
+    return ARTrainer.main(args)

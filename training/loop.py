@@ -229,7 +229,8 @@ class Trainer:
         raise NotImplementedError
 
     def forward(self, wrapped: nn.Module, micro) -> Dict[str, torch.Tensor]:
-        raise NotImplementedError
+        """The objective's loss terms for one micro-batch (a tuple of its inputs)."""
+        return wrapped(*micro)
 
     def units_per_step(self) -> float:
         return float(self.global_batch)
@@ -248,6 +249,18 @@ class Trainer:
 
     def describe(self) -> str:
         return ""
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters()) if hasattr(self, "model") else 0
+
+    @classmethod
+    def main(cls, args) -> dict:
+        """Join torchrun's process group (or run alone), train, leave the group; the last metrics record."""
+        env = D.init_distributed(getattr(args, "device", "auto"))
+        try:
+            return cls(args, env).run()
+        finally:
+            D.shutdown(env)
 
     # ---------------------------------------------------------------- run
     def _autocast(self):

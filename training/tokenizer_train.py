@@ -107,8 +107,7 @@ class TokenizerTrainer(Trainer):
         self.warmup = int(args.warmup if args.warmup is not None else preset_default(args.preset, "warmup"))
 
     def describe(self) -> str:
-        n = sum(p.numel() for p in self.model.parameters()) if hasattr(self, "model") else 0
-        return (f"tokenizer {self.args.preset} ({n / 1e6:.1f}M params, {self.cfg.image_size[0]}px, "
+        return (f"tokenizer {self.args.preset} ({self.num_params() / 1e6:.1f}M params, {self.cfg.image_size[0]}px, "
                 f"{self.cfg.num_all_queries} tokens), lpips {self.lpips_weight}, repa {self.repa_weight}")
 
     def build_model(self) -> Tokenizer:
@@ -157,9 +156,6 @@ class TokenizerTrainer(Trainer):
             out.append((chunk, x0, u))
         return out
 
-    def forward(self, wrapped, micro):
-        return wrapped(*micro)
-
     def flops_per_step(self):
         return tokenizer_train_flops(self.cfg, self.global_batch, repa=self.repa_weight > 0,
                                      grad_checkpointing=self.activation_checkpointing)
@@ -198,8 +194,4 @@ def _augment_for(args):
 
 def train_tokenizer(args) -> dict:
     """Run tokenizer training from parsed CLI arguments (see cli.py); returns the last metrics record."""
-    env = D.init_distributed(getattr(args, "device", "auto"))
-    try:
-        return TokenizerTrainer(args, env).run()
-    finally:
-        D.shutdown(env)
+    return TokenizerTrainer.main(args)
