@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import struct
 import warnings
 from typing import Optional
@@ -131,10 +132,18 @@ class _Runner:
     def _compile(self, name, fn, dynamic):
         f = self._compiled.get(name)
         if f is None:
-            f = torch.compile(fn, fullgraph=True, dynamic=dynamic)
+            import torch._dynamo as dynamo
+            # every DecodeStep / TokenizerStep (one per batch size and sampling settings) shares the step's code
+            # object, and dynamo counts each as a recompile of it: the default limit (8) would drop a long-lived
+            # process (FID over several batch sizes, a server) to eager after 8 configurations
+            dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 256)
+            dynamo.config.accumulated_recompile_limit = max(dynamo.config.accumulated_recompile_limit, 4096)
+            backend = os.environ.get("DAR_FAST_COMPILE_BACKEND", "inductor")   # "eager": trace only (tests)
+            f = torch.compile(fn, fullgraph=True, dynamic=dynamic, backend=backend)
             self._compiled[name] = f
         return f
 
+    @torch.no_grad()     # inference only: grad mode is part of a compiled graph's guards (and taints the caches)
     def call(self, name: str, fn, *args):
         """Run fn(*args) in this object's mode; `args` are Python ints (static per captured graph)."""
         if self.mode == "eager":
