@@ -153,6 +153,7 @@ def bench_model(name, tok, ar, batches, reps, cfg, modes, rows, count=True):
                            ratio_vs_released_per_rep=[r / e for r, e in zip(times["released"], ts)],
                            tokens_identical_to_reference=identical[m], first_call_s=warm_s[m],
                            modes_run=sorted({o["mode"] for o in st["objects"]}), fallbacks=st["fallbacks"],
+                           decode_attention=sorted({o["attention"] for o in st["objects"] if o["attention"]}),
                            compiled=all(o["mode"] in ("compiled", "captured") for o in st["objects"]),
                            graph_captured=all(o["mode"] == "captured" for o in st["objects"]),
                            ar_ms=prof.get("ar", 0) * 1e3, tokenizer_ms=prof.get("tokenizer", 0) * 1e3,

@@ -69,7 +69,8 @@ def status(pipe) -> dict:
     """What ran: the mode asked for, and per step object the mode it runs in and any fallback."""
     objs = list(pipe.__dict__.get("_engine_steps", {}).values())
     return {"mode": pipe.engine_mode,
-            "objects": [{"kind": type(o).__name__, "mode": o.mode, "fallback": o.fallback} for o in objs],
+            "objects": [{"kind": type(o).__name__, "mode": o.mode, "fallback": o.fallback,
+                         "attention": getattr(o, "attn_backend", None)} for o in objs],
             "fallbacks": [o.fallback for o in objs if o.fallback]}
 
 

@@ -44,7 +44,8 @@ def _f32(x: float) -> float:
         return math.inf
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor):
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
+                     backend: Optional[str] = None):
     """One query per row over the first lengths[0] cache slots, the length on the device (capture-safe).
 
     q (R,H,1,hd), caches (R,Hk,L,hd), lengths (1,) int64 -> (R,H,1,hd). CUDA: flash_attn_with_kvcache
@@ -52,7 +53,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     (`kernels/decode_attention.py`, only the used prefix is read); both read no mask. Elsewhere (and
     for CUDA without Triton) the exact fallback: SDPA over all L slots with the unused ones masked by a
     comparison against the device length (reads every slot, no host sync)."""
-    backend = attention_backend(q)
+    backend = backend or attention_backend(q)      # the step objects resolve it once, outside compiled code
     if backend == "flash":
         from flash_attn import flash_attn_with_kvcache
         seqlens = lengths.to(torch.int32).expand(q.shape[0]).contiguous()
@@ -217,6 +218,7 @@ class DecodeStep(_Runner):
                          float(top_p))
         self._eager_settings = (float(temperature), int(top_k), float(top_p))
         base = getattr(ar.layers[0].attention, "rope_base", 10000.0)     # what the model rotates with
+        self.attn_backend = attention_backend(torch.empty(1, 1, 1, 1, device=dev, dtype=ar.dtype))
         self.cos, self.sin = rope_table(torch.arange(self.cache_len, device=dev), ar.cfg.head_dim, base)   # once
         if mode != "eager" and _st.extension_status()["built"] is False:
             self.fallback = "the C++ sampler op is not built (it is what the compiled graph calls); running eager"
@@ -279,12 +281,12 @@ class DecodeStep(_Runner):
         slot = j + 1                      # token j sits at sequence slot j+1 (slot 0: class token)
         cos, sin = self.cos.index_select(0, slot), self.sin.index_select(0, slot)
         for layer, cache in zip(ar.layers, self.caches):
-            x = self._block(layer, x, cos, sin, slot, cache, n)
+            x = self._block(layer, x, cos, sin, slot, cache, n, self.attn_backend)
         self.logits.copy_(ar.head(x)[:, 0])
         self.pos.add_(1)
 
     @staticmethod
-    def _block(layer, x, cos, sin, slot, cache, n):
+    def _block(layer, x, cos, sin, slot, cache, n, backend):
         a = layer.attention
         R, T, D = x.shape
         Hq, Hk, hd = a.n_head, a.n_kv, a.hd
@@ -296,7 +298,7 @@ class DecodeStep(_Runner):
         cache.v_cache.index_copy_(2, slot, v.transpose(1, 2))
         qt = q.transpose(1, 2)                                                           # (R,Hq,1,hd)
         if n is None:
-            o = decode_attention(qt, cache.k_cache, cache.v_cache, slot + 1)
+            o = decode_attention(qt, cache.k_cache, cache.v_cache, slot + 1, backend)
         else:   # the used prefix only: slots 0..j+1, every one visible to the single query
             kc, vc = cache.k_cache[:, :, :n], cache.v_cache[:, :, :n]
             o = F.scaled_dot_product_attention(qt, _rep(kc, qt), _rep(vc, qt))
