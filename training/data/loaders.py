@@ -73,6 +73,13 @@ class _Reader:
     def _where(self) -> str:
         return where(self.source)
 
+    def _to_device(self, images: torch.Tensor, idx: np.ndarray):
+        """uint8 images (k,3,S,S) and their data-set indices -> (float32 images in [-1, 1], int64 labels) on the
+        loader's device."""
+        nb = self.device.type == "cuda"
+        x = images.to(self.device, non_blocking=nb).float().div_(127.5).sub_(1.0)
+        return x, torch.from_numpy(self._labels[idx]).to(self.device, non_blocking=nb)
+
     def _read(self, shard, epoch: int, j: int) -> Iterable[Chunk]:
         B = self.batch_size
         if self.backend == "dali":
@@ -166,10 +173,7 @@ class _Loader(_Reader, StreamState):
             batch = first                                            # the common case: one whole chunk
         else:
             batch = torch.stack([t[r] for t, r, _ in picks])
-        labels = torch.from_numpy(self._labels[np.fromiter((i for _, _, i in picks), np.int64, B)])
-        nb = self.device.type == "cuda"
-        images = batch.to(self.device, non_blocking=nb).float().div_(127.5).sub_(1.0)   # uint8 -> [-1, 1]
-        return images, labels.to(self.device, non_blocking=nb)
+        return self._to_device(batch, np.fromiter((i for _, _, i in picks), np.int64, B))
 
     def indices(self, epoch: int) -> np.ndarray:
         """Dataset indices this rank reads in ``epoch``, in order (corrupt ones included)."""

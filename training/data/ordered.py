@@ -51,7 +51,7 @@ class OrderedLoader(_Reader):
         return self._batches()
 
     def _batches(self):
-        B, nb = self.batch_size, self.device.type == "cuda"
+        B = self.batch_size
         if not len(self.indices):
             return
         imgs, idxs, have = [], [], 0          # decodable images not yet handed out, in order
@@ -62,9 +62,7 @@ class OrderedLoader(_Reader):
             i = idxs[0] if len(idxs) == 1 else np.concatenate(idxs)
             imgs, idxs, have = ([x[k:]], [i[k:]], have - k) if len(i) > k else ([], [], 0)
             x, i = x[:k], i[:k]
-            images = x.to(self.device, non_blocking=nb).float().div_(127.5).sub_(1.0)   # uint8 -> [-1, 1]
-            labels = torch.from_numpy(self._labels[i]).to(self.device, non_blocking=nb)
-            return images, labels, torch.from_numpy(np.ascontiguousarray(i))
+            return (*self._to_device(x, i), torch.from_numpy(np.ascontiguousarray(i)))
 
         for images, metas in self._read(OrderedSharding(self.indices), 0, 0):
             good = np.fromiter((i for _, _, i, r in metas if r >= 0), np.int64)
