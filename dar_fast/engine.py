@@ -105,7 +105,7 @@ def stream(pipe, labels: torch.Tensor, seeds: torch.Tensor, ids: torch.Tensor, s
         pre = None if prefix is None else prefix.to(dev)
         pre = None if pre is None else (torch.cat([pre, pre]) if guided else pre)
         dec.logits.copy_(ar.prefill(lab, pre))                                # (rows, V) predicts token P
-    noise = sample_noise(seeds, ids, (3, *size)).to(dev, torch.float32)
+    noise = sample_noise(seeds, ids, (3, *size), device=dev)          # drawn on the device (keyed, same bits)
     ts.load(dec.tokens, noise)
     ts.schedule(times, solver)
     clock.lap("ar")
