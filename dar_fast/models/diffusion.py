@@ -58,6 +58,12 @@ class DiTBlock(nn.Module):
         ca = self.cross_attn(h, context=c, pos=pos)                       # (B,T,D), RoPE on queries only
         mod = self.adaLN_modulation(ca + temb[:, None])                   # (B,T,6D)
         sa, ca_, ga, sm, cm, gm = mod.chunk(6, dim=-1)
+        if x.is_cuda and not torch.compiler.is_compiling():
+            # eager CUDA: modulate, gated residual + the next LayerNorm-modulate, gated residual as 3 kernels
+            # (kernels/adaln.py; the same roundings as the lines below, which the compiler fuses by itself)
+            x, u = ops.gated_residual(x, ga, self.attention(ops.adaln_modulate(h, sa, ca_, normalize=False), pos=pos),
+                                      sm, cm)
+            return ops.gated_residual(x, gm, self.mlp(u))
         x = x + ga * self.attention(h * (1 + ca_) + sa, pos=pos)
         return x + gm * self.mlp(layer_norm(x) * (1 + cm) + sm)
 
