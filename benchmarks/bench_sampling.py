@@ -112,6 +112,26 @@ def ms_per_decode_step(pipe, B, cfg):
     return (time.perf_counter() - t0) * 1e3 / N
 
 
+def count_model(name, tok, ar, batches, cfg, modes, rows):
+    """Kernel counts only (no timing): reference and each engine mode."""
+    for B in batches:
+        labels = torch.arange(B) % ar.num_classes
+        for m in modes:
+            p = Pipeline(tokenizer=tok, ar=ar)
+            p.engine_mode = m
+            p.sample(labels, cfg=cfg)
+            rec = dict(model=name, batch=B, impl=f"kernels-engine-{m}", counted_on=str(ar.device),
+                       n_layer=ar.cfg.n_layer, **count_decode_kernels(p, labels, cfg),
+                       **count_tokenizer_kernels(p, labels, cfg))
+            rows.append(rec)
+            print_row(rec)
+        rec = dict(model=name, batch=B, impl="kernels-reference", counted_on=str(ar.device), n_layer=ar.cfg.n_layer,
+                   **count_decode_kernels(None, labels, cfg, tok=tok, ar=ar),
+                   **count_tokenizer_kernels(None, labels, cfg, tok=tok))
+        rows.append(rec)
+        print_row(rec)
+
+
 def bench_model(name, tok, ar, batches, reps, cfg, modes, rows, count=True):
     dev = ar.device
     pipes = {m: Pipeline(tokenizer=tok, ar=ar, compile=m != "eager",
@@ -206,6 +226,7 @@ def main():
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--threads", type=int, default=1, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--count-presets", nargs="*", default=[], help="also count kernels per decode step of these")
+    p.add_argument("--counts-only", action="store_true", help="digits model: kernel counts, no timing")
     args = p.parse_args()
     device = resolve_device(args.device)
     if device.type == "cpu":
@@ -220,6 +241,10 @@ def main():
         modes = args.modes or ["eager"]
         bench_model("smoke", tok, ar, args.batches or [1, 4], 2, args.cfg, modes, rows)
         model_desc = "smoke"
+    elif args.counts_only:
+        pipe = Pipeline.from_pretrained("digits", device=device, dtype=dtype)
+        count_model("digits", pipe.tok, pipe.ar, args.batches or [1], args.cfg, modes, rows)
+        model_desc = "digits (kernel counts only)"
     elif args.presets is None and device.type == "cpu":
         pipe = Pipeline.from_pretrained("digits", device=device, dtype=dtype)
         bench_model("digits", pipe.tok, pipe.ar, args.batches or [1, 8], args.reps, args.cfg, modes, rows)

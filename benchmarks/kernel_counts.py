@@ -50,7 +50,9 @@ def _count(fn, cuda: bool):
             continue
         if "cpp_fused" in e.name or "cpp_kernel" in e.name:
             names["inductor:" + e.name.split("cpp_fused")[-1][:40]] += 1
-        elif _is_op(e.name) and e.name not in _META and not any(_is_op(c.name) for c in e.cpu_children):
+        elif _is_op(e.name) and e.name not in _META and not any(_is_op(c.name) and c.name not in _META
+                                                                 for c in e.cpu_children):
+            # a leaf among compute ops: aten::mm calls resolve_conj and SDPA allocates and transposes below it
             names[e.name] += 1
     return sum(names.values()), [f"{n} x{c}" for n, c in names.most_common(8)]
 
