@@ -129,6 +129,7 @@ class _Runner:
         self.fallback: Optional[str] = None      # why a faster mode was dropped (reported by the benchmark)
         self._compiled = {}
         self._graphs = {}
+        self._pool = None
 
     def _compile(self, name, fn, dynamic):
         f = self._compiled.get(name)
@@ -167,7 +168,9 @@ class _Runner:
                         self._warm(f, args)
                 torch.cuda.current_stream().wait_stream(s)
                 g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g):
+                if self._pool is None:        # one memory pool for all of this object's graphs
+                    self._pool = torch.cuda.graph_pool_handle()
+                with torch.cuda.graph(g, pool=self._pool):
                     f(*args)
                 self._graphs[key] = g
             g.replay()
