@@ -34,6 +34,10 @@ class Pipeline:
     pipe = Pipeline.from_pretrained(tok_ckpt, ar_ckpt)          # bf16 on GPU, float32 on CPU by default
     out = pipe.sample(labels, seed=0)                           # out.images (B,H,W,3) uint8, out.tokens (B,N)
     out.settings                                                # cfg etc. used: given, else the model's, else defaults
+
+    Engine mode (`dar_fast.engine.default_mode`): CUDA compiles and captures the decode and tokenizer steps
+    (use_cuda_graphs=False: compiled only; compile=False: eager); CPU runs eagerly unless compile=True
+    (about 2x faster on the digits model, after a first call that compiles for minutes on a small CPU).
     """
 
     def __init__(self, tokenizer: Tokenizer, ar: ARModel, use_cuda_graphs: Optional[bool] = None,
