@@ -175,7 +175,7 @@ def _rand(ctx, *shape, dt):
     return torch.randn(*shape, device=ctx.device).to(dt)
 
 
-# The kernels added after the issue was filed, each (op, reference, inputs) at a D-AR-L / tokenizer_v1 size on
+# The fused kernels (RMSNorm, SwiGLU, adaLN, decode attention), each (op, reference, inputs) at a D-AR-L / tokenizer_v1 size on
 # a GPU (rows = 2 x 64 CFG rows for decode, 64 x 256 tokens for training/DiT), tiny under --smoke.
 _EXTRA_KERNELS = {
     "rms_norm": lambda ctx, dt: ("rms_norm", "rms_norm_ref",

@@ -2,7 +2,7 @@
 
 For each preset: measured images/s of the streaming engine at the FID batch size (CFG on, as the paper's
 runs), the projected wall time of 50,000 samples on 1 and on `--gpus` devices (the generator shards
-with no communication, so it scales linearly), and the physical limit from DESIGN.md's performance model
+with no communication, so it scales linearly), and the physical limit from the performance model in dar_fast/perf.py
 (100% of the bf16 matrix rate).
 
     python benchmarks/bench_fid.py                        # GPU

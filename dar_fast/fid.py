@@ -43,7 +43,7 @@ def register(sub):
     p.add_argument("--num-samples", type=common.positive_int, default=50000, help="images (default 50000)")
     p.add_argument("--batch-size", type=common.positive_int, default=64,
                    help="per-process batch (also the shard size; default 64)")
-    p.add_argument("--cfg", default=None, help="scale, or start,end linear schedule (default: the model's "
+    p.add_argument("--cfg", type=common.cfg, default=None, help="scale, or start,end linear schedule (default: the model's "
                    "recommended, e.g. the paper's 1.1,8 for D-AR-L and 1.1,10 for D-AR-XL; else 4.0)")
     p.add_argument("--temperature", type=common.temperature, default=None, help="default: the model's, else 1.0")
     p.add_argument("--top-k", type=common.nonneg_int, default=None, help="default: the model's, else 0 (off)")
@@ -69,16 +69,6 @@ def register(sub):
     p.add_argument("--overwrite", action="store_true",
                    help="replace a finished --out (or discard unfinished shards) made with other settings")
     p.set_defaults(func=run, threads_handled=True)
-
-
-def _parse_cfg(s):
-    try:
-        parts = [float(x) for x in str(s).split(",")]
-    except ValueError:
-        raise UsageError(f"--cfg takes a number or start,end (e.g. 1.1,10); got {s!r}") from None
-    if len(parts) not in (1, 2):
-        raise UsageError(f"--cfg takes a scale or start,end; got {s!r}")
-    return parts[0] if len(parts) == 1 else tuple(parts)
 
 
 def class_of(i: int, seed: int, num_classes: int, random_classes: bool) -> int:
@@ -128,7 +118,7 @@ def _check_args(args):
         raise UsageError("--num-samples and --batch-size must be >= 1")
     if (args.tokenizer is None) != (args.ar is None):
         raise UsageError("give both --tokenizer and --ar, or neither for the embedded digits model")
-    cfg = None if args.cfg is None else _parse_cfg(args.cfg)       # None: the model's recommended setting
+    cfg = args.cfg                                                  # None: the model's recommended setting
     check_sampling_args(cfg=1.0 if cfg is None else cfg, temperature=1.0 if args.temperature is None else
                         args.temperature, top_k=args.top_k or 0, top_p=1.0 if args.top_p is None else args.top_p)
     check_seed(args.seed, "--seed")

@@ -40,9 +40,9 @@ at the measured ceilings 790 TFLOP/s and 4.3 TB/s:
     x 12 blocks x 8 calls x 1024 x 768 x 2 B = 4.38 GB -> 1.02 ms; flow steps 0.03 GB. Tokenizer: 4.43 ms.
   Image: 8.24 ms -> FID-50K >= 50,000 x 8.24 ms = 6.9 minutes on one H200 at 100 % of every ceiling with one
   stream of kernels (the absolute bound, every byte and FLOP overlapped: 5.83 ms, 4.9 minutes). Reading the
-  whole static KV cache: 11.06 ms, 9.2 minutes. DESIGN.md's "~5.4 minutes" counted the DiT by FLOPs only and
-  the AR without its matmul time; the earlier "3.6 minutes" counted FLOPs only. Meeting the issue's target (< 10
-  minutes on one H200) takes >= 69 % of this floor's speed. (The tests check these figures against the arithmetic.)
+  whole static KV cache: 11.06 ms, 9.2 minutes. An earlier count of "~5.4 minutes" counted the DiT by FLOPs only and
+  the AR without its matmul time; the earlier "3.6 minutes" counted FLOPs only. A target of < 10
+  minutes on one H200 takes >= 69 % of this floor's speed. (The tests check these figures against the arithmetic.)
 """
 from __future__ import annotations
 

@@ -24,10 +24,12 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.fixture(autouse=True)
-def _fresh_seed():
-    # fresh random inputs every run, but reproducible from the printed seed on failure
-    seed = int.from_bytes(os.urandom(4), "little")
+def _fresh_seed(request):
+    # fresh random inputs every run; a failing test's report shows the seed ("torch seed" section), and
+    # DAR_FAST_TEST_SEED=N replays it
+    seed = int(os.environ.get("DAR_FAST_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
     torch.manual_seed(seed)
+    request.node.add_report_section("call", "torch seed", f"DAR_FAST_TEST_SEED={seed}")
     yield seed
 
 

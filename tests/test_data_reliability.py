@@ -1,5 +1,5 @@
 """Data folders that cannot hang or loop: FIFOs and dangling links skipped and counted, symlink loops entered once,
-skipped images in metrics.jsonl, extract-codes failing on all-corrupt data (issue #15)."""
+skipped images in metrics.jsonl, extract-codes failing on all-corrupt data."""
 import json
 import os
 import threading

@@ -1,4 +1,4 @@
-"""Finite numbers and integers only: weights, sampling arguments, labels, prefix tokens and seeds (issue #15)."""
+"""Finite numbers and integers only: weights, sampling arguments, labels, prefix tokens and seeds."""
 import numpy as np
 import pytest
 import torch
