@@ -110,7 +110,7 @@ def _shard_arrays(pipe, so: ShardedOutput, k: int, args, cfg, C: int) -> dict:
 
 
 def _check_args(args):
-    from dar_fast.sampler import check_sampling_args
+    from dar_fast.sampling_args import check_sampling_args
     from dar_fast.seeding import check_seed
     if not args.out.endswith(".npz"):
         raise UsageError(f"--out must end in .npz, got {args.out}")

@@ -18,8 +18,8 @@ from dar_fast import batching, engine, ops
 from dar_fast.errors import UsageError
 from dar_fast.engine import StreamStep  # noqa: F401  (StreamStep is public API)
 from dar_fast.models import ARModel, Tokenizer
-from dar_fast.sampler import (CFG, SampleOutput, cfg_schedule, check_compatible, check_labels, check_prefix,
-                              check_sampling_args)
+from dar_fast.sampling_args import (CFG, SampleOutput, cfg_schedule, check_compatible, check_labels, check_prefix,
+                                    check_sampling_args)
 from dar_fast.seeding import resolve_keys, sample_noise
 
 

@@ -106,7 +106,7 @@ def resolve_keys(seed: Union[int, Sequence[int], torch.Tensor], batch: int,
     `sample_ids` overrides the ids (the FID generator passes global indices); they are int64 integers too.
     """
     from dar_fast.errors import UsageError
-    from dar_fast.sampler import as_int64
+    from dar_fast.sampling_args import as_int64
     if isinstance(seed, (int, np.integer, bool, np.bool_, float)) or (torch.is_tensor(seed) and seed.dim() == 0):
         seeds = torch.full((batch,), check_seed(seed), dtype=torch.int64)
         ids = torch.arange(batch, dtype=torch.int64)

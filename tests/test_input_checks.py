@@ -6,7 +6,8 @@ import torch
 import dar_fast
 from dar_fast.errors import UsageError
 from dar_fast.pipeline import Pipeline
-from dar_fast.sampler import MIN_TEMPERATURE, reference_sample
+from dar_fast.sampler import reference_sample
+from dar_fast.sampling_args import MIN_TEMPERATURE
 from dar_fast.seeding import SEED_MAX, SEED_MIN, check_seed, resolve_keys
 from helpers import tiny_ar, tiny_tokenizer
 

@@ -4,7 +4,8 @@ import torch
 
 from dar_fast import engine, ops
 from dar_fast.pipeline import Pipeline
-from dar_fast.sampler import cfg_schedule, reference_sample
+from dar_fast.sampler import reference_sample
+from dar_fast.sampling_args import cfg_schedule
 from dar_fast.seeding import resolve_keys, sample_noise
 from helpers import tiny_ar, tiny_tokenizer
 
