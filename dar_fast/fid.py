@@ -171,16 +171,7 @@ def run(args) -> int:
                        outputs={args.out: {"arr_0": "images", "arr_1": "labels"}}, overwrite=args.overwrite,
                        log=lambda m: print(f"dar-fast fid: {m}", file=sys.stderr))
     try:
-        status = "ok"
-        if rank == 0:
-            try:
-                status = "done" if so.begin() else "ok"
-            except UsageError as e:      # every rank must learn of it, or the others wait at a barrier forever
-                status = f"error:{e}"
-        status = broadcast(status)
-        if status.startswith("error:"):
-            raise UsageError(status[len("error:"):])
-        if status == "done":
+        if so.begin_on_all_ranks(rank, broadcast):
             if rank == 0:
                 print(f"{args.out} is already finished with these settings ({manifest_path(args.out)}); "
                       "nothing to do")

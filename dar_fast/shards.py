@@ -350,6 +350,21 @@ class ShardedOutput:
                 return False
         return True
 
+    def begin_on_all_ranks(self, rank: int, broadcast: Callable) -> bool:
+        """`begin()` on rank 0, its outcome broadcast: every rank returns True when the result is already
+        finished, or raises the same UsageError (a rank that never heard of rank 0's error would wait at the
+        next barrier forever)."""
+        status = "ok"
+        if rank == 0:
+            try:
+                status = "done" if self.begin() else "ok"
+            except UsageError as e:
+                status = f"error:{e}"
+        status = broadcast(status)
+        if status.startswith("error:"):
+            raise UsageError(status[len("error:"):])
+        return status == "done"
+
     def begin(self) -> bool:
         """Lock, apply the overwrite rule, clean stale temps, pin the settings in the shard directory.
         Returns True (and releases the lock) if the result is already finished with these settings."""

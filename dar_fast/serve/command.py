@@ -3,18 +3,8 @@ from __future__ import annotations
 
 import sys
 
+from dar_fast.commands.common import positive_int
 from dar_fast.errors import UsageError
-
-
-def _positive(s: str) -> int:
-    import argparse
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
 
 
 def _port(s: str) -> int:
@@ -39,8 +29,8 @@ def register(sub):
     p.add_argument("--ar-config", default=None, help="AR preset or JSON/YAML config, for a checkpoint without one")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=_port, default=8000, help="TCP port (default 8000)")
-    p.add_argument("--max-batch", type=_positive, default=64, help="rows (images) the engine runs at once")
-    p.add_argument("--max-queue", type=_positive, default=256, help="rows waiting before requests get 503")
+    p.add_argument("--max-batch", type=positive_int, default=64, help="rows (images) the engine runs at once")
+    p.add_argument("--max-queue", type=positive_int, default=256, help="rows waiting before requests get 503")
     p.add_argument("--device", default=None, help="default: cpu for the digits model, else cuda when available")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="weights' dtype (default: bfloat16 on GPU, float32 on CPU)")
