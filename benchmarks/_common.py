@@ -340,3 +340,19 @@ def time_impls(case: str, impls: dict, device: torch.device, info: dict, *, nbyt
         rows.append(rec)
         print_row(rec)
     return rows
+
+
+def kernel_context(args) -> tuple:
+    """(device, ceilings, interpreted, dtype, triton runnable) from a kernel benchmark's arguments: bf16 on CUDA,
+    float32 on the CPU, where the Triton kernels only run interpreted (smoke sizes)."""
+    device = resolve_device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return device, device_info(device), device.type != "cuda", dtype, triton_runnable(device)
+
+
+def finish(name: str, rows: list, device, args) -> str:
+    """Write a benchmark's rows to --out (default benchmarks/results/<name>-<device>.json) and say where."""
+    out = args.out or default_out(name, device, args.smoke)
+    write_results(out, name, rows, device, smoke=args.smoke)
+    print(f"wrote {out}")
+    return out

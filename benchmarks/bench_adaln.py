@@ -17,8 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from _common import (common_args, default_out, device_info, resolve_device, time_impls,  # noqa: E402
-                     triton_runnable, write_results)
+from _common import common_args, finish, kernel_context, time_impls  # noqa: E402
 from dar_fast.kernels.adaln import (AdaLNFunction, adaln_fwd_triton, adaln_modulate_ref,  # noqa: E402
                                     gated_residual_ref)
 
@@ -26,15 +25,11 @@ from dar_fast.kernels.adaln import (AdaLNFunction, adaln_fwd_triton, adaln_modul
 def main(argv=None):
     p = common_args(__doc__.splitlines()[0])
     args = p.parse_args(argv)
-    device = resolve_device(args.device)
-    info = device_info(device)
-    interp = device.type != "cuda"
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    device, info, interp, dtype, has_triton = kernel_context(args)
     if args.smoke:
         B, T, C, rep_ms = 1, 6, 64, args.rep_ms or 20.0
     else:
         B, T, C, rep_ms = 8, 1024, 768, args.rep_ms or 200.0
-    has_triton = triton_runnable(device)
     max_iters = {"triton": 1} if interp else None
     esz = torch.empty((), dtype=dtype).element_size()
     n = B * T * C
@@ -72,9 +67,7 @@ def main(argv=None):
     rows += time_impls("gated+modulate fwd+bwd", impls, device, info, nbytes=17 * n * esz, rep_ms=rep_ms,
                        max_iters=max_iters, extra=extra)
 
-    out = args.out or default_out("adaln", device, args.smoke)
-    write_results(out, "adaln", rows, device, smoke=args.smoke)
-    print(f"wrote {out}")
+    finish("adaln", rows, device, args)
 
 
 if __name__ == "__main__":

@@ -18,23 +18,18 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from _common import (common_args, default_out, device_info, resolve_device, time_impls,  # noqa: E402
-                     triton_runnable, write_results)
+from _common import common_args, finish, kernel_context, time_impls  # noqa: E402
 from dar_fast.kernels.decode_attention import choose_splits, decode_attention_triton  # noqa: E402
 
 
 def main(argv=None):
     p = common_args(__doc__.splitlines()[0])
     args = p.parse_args(argv)
-    device = resolve_device(args.device)
-    info = device_info(device)
-    interp = device.type != "cuda"
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    device, info, interp, dtype, has_triton = kernel_context(args)
     if args.smoke:
         H, D, S, n, batches, rep_ms = 2, 16, 33, 20, {"batch1": 2}, args.rep_ms or 20.0
     else:
         H, D, S, n, batches, rep_ms = 16, 64, 257, 200, {"batch1": 2, "batch64": 128}, args.rep_ms or 200.0
-    has_triton = triton_runnable(device)
     max_iters = {"triton": 1} if interp else None
     esz = torch.empty((), dtype=dtype).element_size()
     rows = []
@@ -59,9 +54,7 @@ def main(argv=None):
             rows += time_impls(f"{case} (cuda graph)", impls, device, info, nbytes=nbytes, rep_ms=rep_ms,
                                cuda_graph=True, extra=extra)
 
-    out = args.out or default_out("decode_attention", device, args.smoke)
-    write_results(out, "decode_attention", rows, device, smoke=args.smoke)
-    print(f"wrote {out}")
+    finish("decode_attention", rows, device, args)
 
 
 if __name__ == "__main__":

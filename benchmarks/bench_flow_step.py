@@ -18,8 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from _common import (common_args, default_out, device_info, resolve_device, time_impls,  # noqa: E402
-                     triton_runnable, write_results)
+from _common import common_args, device_info, finish, resolve_device, time_impls, triton_runnable  # noqa: E402
 from dar_fast.kernels.flow_step import flow_output_ref, flow_step_triton  # noqa: E402
 
 
@@ -52,9 +51,7 @@ def main(argv=None):
             rows += time_impls(f"{case} {tuple(shape)}", impls, device, info, nbytes=nbytes, rep_ms=rep_ms,
                                max_iters={"triton": 1} if interp else None,
                                extra=dict(shape=list(shape), dtype=str(dtype).replace("torch.", "")))
-    out = args.out or default_out("flow_step", device, args.smoke)
-    write_results(out, "flow_step", rows, device, smoke=args.smoke)
-    print(f"wrote {out}")
+    finish("flow_step", rows, device, args)
 
 
 if __name__ == "__main__":

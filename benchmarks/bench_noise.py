@@ -16,8 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from _common import (common_args, default_out, device_info, resolve_device, time_impls,  # noqa: E402
-                     triton_runnable, write_results)
+from _common import common_args, finish, kernel_context, time_impls  # noqa: E402
 from dar_fast.kernels.noise import keyed_normal_ref, keyed_normal_triton  # noqa: E402
 from dar_fast.seeding import noise_seed  # noqa: E402
 
@@ -34,14 +33,11 @@ def host_randn(seeds, ids, n, device):
 def main(argv=None):
     p = common_args(__doc__.splitlines()[0])
     args = p.parse_args(argv)
-    device = resolve_device(args.device)
-    info = device_info(device)
-    interp = device.type != "cuda"
+    device, info, interp, _, has_triton = kernel_context(args)
     if args.smoke:
         n, batches, rep_ms = 3 * 4 * 4, {"batch2": 2}, args.rep_ms or 20.0
     else:
         n, batches, rep_ms = 3 * 256 * 256, {"batch1": 1, "batch64": 64}, args.rep_ms or 200.0
-    has_triton = triton_runnable(device)
     rows = []
     for case, B in batches.items():
         seeds = torch.arange(B, dtype=torch.int64) + 1234
@@ -59,9 +55,7 @@ def main(argv=None):
             for r in rows[-len(impls):]:
                 r["triton_bits_equal_reference"] = same
 
-    out = args.out or default_out("noise", device, args.smoke)
-    write_results(out, "noise", rows, device, smoke=args.smoke)
-    print(f"wrote {out}")
+    finish("noise", rows, device, args)
 
 
 if __name__ == "__main__":

@@ -17,23 +17,18 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from _common import (common_args, default_out, device_info, resolve_device, time_impls,  # noqa: E402
-                     triton_runnable, write_results)
+from _common import common_args, finish, kernel_context, time_impls  # noqa: E402
 from dar_fast.kernels.rms_norm import RMSNormFunction, rms_norm_fwd_triton, rms_norm_ref  # noqa: E402
 
 
 def main(argv=None):
     p = common_args(__doc__.splitlines()[0])
     args = p.parse_args(argv)
-    device = resolve_device(args.device)
-    info = device_info(device)
-    interp = device.type != "cuda"
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    device, info, interp, dtype, has_triton = kernel_context(args)
     if args.smoke:
         dec_m, train_m, C, rep_ms = 6, 12, 96, args.rep_ms or 20.0
     else:
         dec_m, train_m, C, rep_ms = 128, 32 * 256, 1024, args.rep_ms or 200.0
-    has_triton = triton_runnable(device)
     max_iters = {"triton": 1} if interp else None
     esz = torch.empty((), dtype=dtype).element_size()
     rows = []
@@ -70,9 +65,7 @@ def main(argv=None):
     rows += time_impls("train fwd+bwd", impls, device, info, nbytes=io, rep_ms=rep_ms, max_iters=max_iters,
                        extra=dict(M=train_m, C=C, residual=False, dtype=str(dtype).replace("torch.", "")))
 
-    out = args.out or default_out("rms_norm", device, args.smoke)
-    write_results(out, "rms_norm", rows, device, smoke=args.smoke)
-    print(f"wrote {out}")
+    finish("rms_norm", rows, device, args)
 
 
 if __name__ == "__main__":

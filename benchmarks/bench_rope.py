@@ -17,24 +17,19 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from _common import (common_args, default_out, device_info, resolve_device, time_impls,  # noqa: E402
-                     triton_runnable, write_results)
+from _common import common_args, finish, kernel_context, time_impls  # noqa: E402
 from dar_fast.kernels.rope import apply_rope_ref, grid_positions, rope_triton, RopeFunction  # noqa: E402
 
 
 def main(argv=None):
     p = common_args(__doc__.splitlines()[0])
     args = p.parse_args(argv)
-    device = resolve_device(args.device)
-    info = device_info(device)
-    interp = device.type != "cuda"
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    device, info, interp, dtype, has_triton = kernel_context(args)
     if args.smoke:
         tok, dec, rep_ms = dict(B=1, grid=2, Q=2, H=2), dict(B=2, H=2), args.rep_ms or 20.0
     else:
         tok, dec, rep_ms = dict(B=64, grid=32, Q=256, H=12), dict(B=128, H=16), args.rep_ms or 200.0
     D = 64
-    has_triton = triton_runnable(device)
     max_iters = {"triton": 1, "triton_inplace": 1} if interp else None
     rows = []
 
@@ -86,9 +81,7 @@ def main(argv=None):
         rows += time_impls("ar_decode 1D (cuda graph)", impls, device, info, nbytes=io, rep_ms=rep_ms,
                            cuda_graph=True, extra=extra)
 
-    out = args.out or default_out("rope", device, args.smoke)
-    write_results(out, "rope", rows, device, smoke=args.smoke)
-    print(f"wrote {out}")
+    finish("rope", rows, device, args)
 
 
 if __name__ == "__main__":

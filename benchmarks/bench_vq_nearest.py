@@ -16,8 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from _common import (common_args, default_out, device_info, resolve_device, time_impls,  # noqa: E402
-                     triton_runnable, write_results)
+from _common import common_args, device_info, finish, resolve_device, time_impls, triton_runnable  # noqa: E402
 from dar_fast.kernels.vq_nearest import vq_nearest_ref, vq_nearest_triton  # noqa: E402
 
 
@@ -56,9 +55,7 @@ def main(argv=None):
                               extra=dict(M=M, n=n, d=d, dtype=str(dtype).replace("torch.", ""))):
             rec["index_mismatches_vs_torch"] = mism[rec["impl"]]
             rows.append(rec)
-    out = args.out or default_out("vq_nearest", device, args.smoke)
-    write_results(out, "vq_nearest", rows, device, smoke=args.smoke)
-    print(f"wrote {out}")
+    finish("vq_nearest", rows, device, args)
 
 
 if __name__ == "__main__":
