@@ -28,7 +28,7 @@ import torch
 
 from dar_fast.errors import UsageError
 from dar_fast.io import file_sha256
-from dar_fast.shards import ShardedOutput, manifest_path
+from dar_fast.shards import ShardedOutput, ShardWriter, manifest_path
 
 
 def register(sub):
@@ -181,12 +181,18 @@ def run(args) -> int:
         bar = tqdm(total=N if world == 1 else len(mine) * B, initial=(len(mine) - len(todo)) * B, unit="img",
                    disable=rank != 0 or None, desc=f"fid samples (rank 0 of {world})")
         t0, done = time.time(), 0
-        for k in todo:
-            so.write(k, **_shard_arrays(pipe, so, k, args, cfg, C))
-            n = so.index_range(k)[1] - so.index_range(k)[0]
-            done += n
-            bar.update(n)
-            bar.set_postfix(img_per_s=f"{done * world / max(time.time() - t0, 1e-9):.1f}")
+        writer = ShardWriter(so)             # hashing and writing overlap the next batch's generation
+        try:
+            for k in todo:
+                writer.put(k, _shard_arrays(pipe, so, k, args, cfg, C))
+                n = so.index_range(k)[1] - so.index_range(k)[0]
+                done += n
+                bar.update(n)
+                bar.set_postfix(img_per_s=f"{done * world / max(time.time() - t0, 1e-9):.1f}")
+        except BaseException:
+            writer.close(raise_error=False)   # keep the shards already queued; the original error wins
+            raise
+        writer.close()
         bar.close()
         barrier()
         if rank == 0:

@@ -296,6 +296,49 @@ def _diff(old: dict, new: dict) -> str:
 
 # ============================================================================================ the protocol
 
+class ShardWriter:
+    """Writes finished shards on one background thread, so the device generates the next batch while the
+    previous one is hashed (SHA-256, ~0.2 GB/s on one core here: ~1 s for a 64 x 256 x 256 x 3 shard) and written.
+
+    The queue holds at most `depth` shards (bounded memory). The first write error is raised in the generating
+    thread at its next `put` or at `close`; `close` always waits for the queued shards, each written atomically,
+    so an interrupted run keeps every shard it finished and a rerun regenerates the rest."""
+
+    def __init__(self, out: "ShardedOutput", depth: int = 2):
+        import queue
+        import threading
+        self.out, self.error = out, None
+        self._q = queue.Queue(maxsize=depth)
+        self._thread = threading.Thread(target=self._run, name="dar-fast-shard-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            if self.error is None:          # after a failure, drain without writing
+                try:
+                    self.out.write(item[0], **item[1])
+                except BaseException as e:  # noqa: BLE001 - re-raised in the generating thread
+                    self.error = e
+
+    def _raise(self):
+        if self.error is not None:
+            err, self.error = self.error, None
+            raise err
+
+    def put(self, k: int, arrays: Dict[str, np.ndarray]) -> None:
+        self._raise()
+        self._q.put((k, arrays))
+
+    def close(self, raise_error: bool = True) -> None:
+        self._q.put(None)
+        self._thread.join()
+        if raise_error:
+            self._raise()
+
+
 class ShardedOutput:
     """See the module docstring. `outputs` maps each .npz path to {member name: field}; its first key is the
     main output (shards live in `<main>.shards/`, the lock is `<main>.lock`, the manifest `<main minus .npz>.json`)."""

@@ -227,17 +227,23 @@ def test_kill9_of_cli_processes_then_rerun_is_byte_identical(ckpts, tmp_path):
     """Like the forked test, with whole `python -m dar_fast.cli fid` processes (start-up included) killed by
     SIGKILL at random moments, then one run to the end (about a minute on 2 busy cores)."""
     import random
+    import time
     full, killed = tmp_path / "full.npz", tmp_path / "killed.npz"
-    assert _run(_args(ckpts, full, n=40, bs=2)) == 0
     env = dict(os.environ, OMP_NUM_THREADS="1", DAR_FAST_CACHE=str(tmp_path / "hash_cache"))
-    cmd = [sys.executable, "-m", "dar_fast.cli", *_args(ckpts, killed, n=40, bs=2)]
+    base = [sys.executable, "-m", "dar_fast.cli"]
+    t0 = time.perf_counter()
+    subprocess.run([*base, *_args(ckpts, full, n=40, bs=2)], env=env, check=True, capture_output=True, timeout=600)
+    whole = time.perf_counter() - t0           # an uninterrupted process, start-up included
+    cmd = [*base, *_args(ckpts, killed, n=40, bs=2)]
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
     outcomes = []
     for _ in range(4):
         p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            outcomes.append(p.wait(timeout=rng.uniform(1.0, 12.0)))
+            # kill within the run's own duration (the first process, starting from nothing, is then killed;
+            # fixed times would let a fast machine finish before any kill)
+            outcomes.append(p.wait(timeout=rng.uniform(0.1, 0.85) * whole))
         except subprocess.TimeoutExpired:
             p.kill()                                          # SIGKILL
             outcomes.append(p.wait())

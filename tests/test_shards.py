@@ -10,8 +10,8 @@ import pytest
 
 from dar_fast.errors import UsageError
 from dar_fast.io import atomic_write, file_sha256, remove_stale_temps
-from dar_fast.shards import (OutputLock, ShardedOutput, assemble_npz, manifest_path, read_manifest, verify_npz,
-                             verify_shard, write_shard)
+from dar_fast.shards import (OutputLock, ShardedOutput, ShardWriter, assemble_npz, manifest_path, read_manifest,
+                             verify_npz, verify_shard, write_shard)
 
 FIELDS = {"images": ((3, 5, 3), np.uint8), "labels": ((), np.int64)}
 
@@ -156,6 +156,36 @@ def test_protocol_end_to_end_and_rerun_is_a_no_op(tmp_path):
     assert not os.path.exists(out + ".shards") and not os.path.exists(out + ".lock")
     mtime = os.stat(out).st_mtime_ns
     assert _run(_so(tmp_path)) == "done" and os.stat(out).st_mtime_ns == mtime
+
+
+def test_background_writer_gives_the_same_file_and_raises_write_errors(tmp_path):
+    """ShardWriter (fid's overlap of generation and writing): the same .npz as writing in the loop; a failing
+    write is raised in the generating thread, and the shards queued before it are still written."""
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    _run(_so(ref))
+    so = _so(tmp_path)
+    assert not so.begin()
+    w = ShardWriter(so, depth=1)
+    for k in so.pending(range(so.num_shards)):
+        s, e = so.index_range(k)
+        w.put(k, _arrays(s, e - s))
+    w.close()
+    so.finish(regenerate=None)
+    assert open(so.out, "rb").read() == open(ref / "o.npz", "rb").read()
+
+    (tmp_path / "x").mkdir()
+    so2 = _so(tmp_path / "x")
+    assert not so2.begin()
+    w = ShardWriter(so2, depth=1)
+    w.put(0, _arrays(0, 4))
+    w.put(1, dict(images=np.zeros((2, 2), np.uint8), labels=np.zeros(4, np.int64)))    # wrong shape: refused
+    with pytest.raises(Exception):
+        for k in (2, 2, 2):          # the error surfaces at a later put or at close
+            w.put(k, _arrays(8, 3))
+        w.close()
+    assert so2.pending([0, 1]) == [1]          # shard 0 was written before the failure
+    so2.close()
 
 
 def test_finished_result_not_replaced_by_other_settings(tmp_path):
