@@ -90,6 +90,16 @@ def report_user_error(name: str, e: BaseException, debug: bool = False) -> int:
     return 2
 
 
+def _one_line_warnings(name: str) -> None:
+    """A command's warnings (a missing C++ sampler, a fallback to eager) as one line each, not Python's
+    file:line form with a source line; --debug keeps the default form."""
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"{name}: warning: {message}", file=file or sys.stderr)
+    warnings.showwarning = show
+
+
 def main(argv=None) -> int:
     debug = os.environ.get("DAR_FAST_DEBUG", "0") not in ("", "0")
     name = "dar-fast"
@@ -104,6 +114,8 @@ def main(argv=None) -> int:
             parser.print_help()
             return 0
         name = f"dar-fast {args.command}"
+        if not debug and argv is None:      # the console script (in-process callers keep their own handling)
+            _one_line_warnings(name)
         t = getattr(args, "threads", None)
         if isinstance(t, int) and t >= 1 and not getattr(args, "threads_handled", False):
             import torch
