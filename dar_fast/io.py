@@ -75,13 +75,18 @@ def remove_stale_temps(directory: PathLike, name: Optional[str] = None) -> int:
     """Delete temporary files of interrupted atomic writes in `directory`: those of target `name`, or
     (name=None) every `.*.tmp` file. Call it only while holding the output's lock (a live writer's
     temporary file looks the same). Returns how many were removed."""
+    pat = temp_name_pattern(name) if name is not None else re.compile(r"^\..+" + re.escape(TMP_SUFFIX) + "$")
+    return remove_matching(directory, pat)
+
+
+def remove_matching(directory: PathLike, pattern: "re.Pattern") -> int:
+    """Delete the regular files in `directory` whose names match `pattern`; returns how many."""
     d = Path(directory)
     if not d.is_dir():
         return 0
-    pat = temp_name_pattern(name) if name is not None else re.compile(r"^\..+" + re.escape(TMP_SUFFIX) + "$")
     n = 0
     for entry in os.scandir(d):
-        if pat.match(entry.name) and entry.is_file(follow_symlinks=False):
+        if pattern.match(entry.name) and entry.is_file(follow_symlinks=False):
             with suppress(FileNotFoundError):
                 os.unlink(entry.path)
                 n += 1

@@ -26,14 +26,13 @@ from __future__ import annotations
 import os
 import random
 import re
-from contextlib import suppress
 from typing import Optional
 
 import numpy as np
 import torch
 
 from dar_fast.errors import UsageError
-from dar_fast.io import atomic_write, remove_stale_temps
+from dar_fast.io import atomic_write, remove_matching, remove_stale_temps
 
 FORMAT = "dar-fast-train/1"
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -113,14 +112,7 @@ _OLD_TMP = re.compile(r"^.+\.tmp\d+$")        # checkpoint.pt.tmp<pid>, the temp
 def remove_stale_temps_in(out: str) -> int:
     """Remove temporary files of killed writes from a run directory (call before this run writes anything).
     Returns how many were removed."""
-    n = remove_stale_temps(out)
-    with suppress(OSError):
-        for e in os.scandir(out):
-            if _OLD_TMP.match(e.name) and e.is_file(follow_symlinks=False):
-                with suppress(FileNotFoundError):
-                    os.unlink(e.path)
-                    n += 1
-    return n
+    return remove_stale_temps(out) + remove_matching(out, _OLD_TMP)
 
 
 def save_checkpoint(state: dict, path: str) -> None:
