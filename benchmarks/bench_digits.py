@@ -78,6 +78,7 @@ def quality(images_uint8, labels, clf=None) -> dict:
 
 def main(argv=None):
     from _common import default_out, write_results
+    from dar_fast.defaults import SOLVERS
     from dar_fast.pipeline import Pipeline
     from dar_fast.training.data import digits_split
 
@@ -86,7 +87,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cfg", type=float, default=None, help="default: the model's own")
     p.add_argument("--steps", type=int, default=None, help="diffusion steps (default: the model's own)")
-    p.add_argument("--solver", default=None, choices=["adams2", "euler"])
+    p.add_argument("--solver", default=None, choices=SOLVERS)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--smoke", action="store_true", help="2 samples per class")
     p.add_argument("--out", default=None)

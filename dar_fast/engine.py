@@ -22,6 +22,7 @@ from typing import Iterator, Optional, Tuple
 
 import torch
 
+from dar_fast.defaults import SOLVERS
 from dar_fast.engine_graphs import DecodeStep, TokenizerStep
 from dar_fast.models.layers import refresh_fused
 from dar_fast.seeding import sample_noise
@@ -82,7 +83,7 @@ def stream(pipe, labels: torch.Tensor, seeds: torch.Tensor, ids: torch.Tensor, s
     tok, ar = pipe.tok, pipe.ar
     B, N, G = labels.numel(), tok.num_tokens, tok.group_size
     solver = solver or "adams2"
-    if solver not in ("adams2", "euler"):
+    if solver not in SOLVERS:
         raise ValueError(f"solver must be 'adams2' or 'euler', got {solver!r}")
     times, groups = tok.schedule(steps)
     starts = tok.query_starts(steps)

@@ -34,6 +34,7 @@ from dar_fast.shards import ShardedOutput, ShardWriter, manifest_path
 def register(sub):
     p = sub.add_parser("fid", help="generate FID-50K samples (sharded, resumable) into an ADM-style .npz")
     from dar_fast.commands import common
+    from dar_fast.defaults import SOLVERS
     p.add_argument("--tokenizer", default=None, help="tokenizer checkpoint (default: the embedded digits model)")
     p.add_argument("--ar", default=None, help="AR checkpoint (give both or neither)")
     p.add_argument("--tokenizer-config", default=None, help="tokenizer preset or JSON/YAML config, if the "
@@ -55,7 +56,7 @@ def register(sub):
     p.add_argument("--device", type=common.device, default=None, help="default: this rank's GPU, else cpu")
     p.add_argument("--steps", type=common.positive_int, default=None,
                    help="diffusion steps of the decode (default: the model's, else the tokenizer's own)")
-    p.add_argument("--solver", choices=["adams2", "euler"], default=None,
+    p.add_argument("--solver", choices=SOLVERS, default=None,
                    help="flow solver (default: the model's, else adams2 as released)")
     p.add_argument("--precision", choices=["released", "fast"], default="released",
                    help="released (default): AR bfloat16, tokenizer float32 with TF32 matmuls, as the released FID "

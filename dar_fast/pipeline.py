@@ -15,6 +15,7 @@ from typing import Iterator, Optional
 import torch
 
 from dar_fast import batching, engine, ops
+from dar_fast.defaults import SOLVERS
 from dar_fast.errors import UsageError
 from dar_fast.engine import StreamStep  # noqa: F401  (StreamStep is public API)
 from dar_fast.models import ARModel, Tokenizer
@@ -178,7 +179,7 @@ class Pipeline:
         seeds, ids = resolve_keys(seed, B, sample_ids)
         scales = cfg_schedule(cfg, N)
         tok.check_steps(steps)
-        if solver not in (None, "adams2", "euler"):
+        if solver is not None and solver not in SOLVERS:
             raise ValueError(f"solver must be 'adams2' or 'euler', got {solver!r}")
         if max_batch is None:
             max_batch = batching.default_max_batch(tok, ar, guided=scales is not None)

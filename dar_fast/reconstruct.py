@@ -61,6 +61,7 @@ NUM_PREVIEWS = 8
 def register(sub):
     p = sub.add_parser("reconstruct", help="tokenizer reconstructions (rFID / PSNR / SSIM), sharded and resumable",
                        description=__doc__.split("\n\n")[0])
+    from dar_fast.defaults import SOLVERS
     p.add_argument("--tokenizer", default=None, help="tokenizer checkpoint (default: the embedded digits tokenizer)")
     p.add_argument("--tokenizer-config", default=None, help="config for a checkpoint without one (preset or file)")
     p.add_argument("--weights", choices=["ema", "model"], default=None,
@@ -73,7 +74,7 @@ def register(sub):
     p.add_argument("--num-images", type=int, default=None, help="the first N images of --data (default: all)")
     p.add_argument("--image-size", type=int, default=None, help="centre-crop size S (default: the tokenizer's)")
     p.add_argument("--steps", type=int, default=None, help="diffusion steps (default: the checkpoint's)")
-    p.add_argument("--solver", choices=["adams2", "euler"], default="adams2",
+    p.add_argument("--solver", choices=SOLVERS, default="adams2",
                    help="flow solver (default adams2, as released)")
     p.add_argument("--batch-size", type=int, default=32, help="per-process batch (also the shard size)")
     p.add_argument("--precision", choices=PRECISIONS, default="released",

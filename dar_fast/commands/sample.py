@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from dar_fast.commands import common
+from dar_fast.defaults import SOLVERS
 from dar_fast.errors import UsageError
 
 IMAGENET_DEMO = [207, 360, 387, 974, 88, 979, 417, 279]   # classes shown in DiT's demo grid
@@ -50,7 +51,7 @@ def register(sub):
                    "(default: the model's, else 1.0)")
     p.add_argument("--steps", type=common.positive_int, default=None,
                    help="diffusion steps of the decode (default: the model's, else the tokenizer's own)")
-    p.add_argument("--solver", choices=["adams2", "euler"], default=None,
+    p.add_argument("--solver", choices=SOLVERS, default=None,
                    help="flow solver (default: the model's, else adams2 as released)")
     p.add_argument("--seed", type=common.seed, default=0, help="sample i uses key (seed, i) (default 0)")
     p.add_argument("--batch-size", type=common.positive_int, default=64, help="images per engine call (default 64)")

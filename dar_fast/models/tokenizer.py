@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from dar_fast import ops
 from dar_fast.config import TokenizerConfig
+from dar_fast.defaults import SOLVERS
 from dar_fast.errors import UsageError
 from dar_fast.models.diffusion import DiffusionNet, sampling_times, step_groups, step_query_starts
 from dar_fast.models.layers import GatedBlock, layer_norm
@@ -353,7 +354,7 @@ class Tokenizer(nn.Module):
 
     def _check_decode_args(self, steps, solver, clip_steps, groups):
         S, K = self.check_steps(steps), self.num_groups
-        if solver not in ("adams2", "euler"):
+        if solver not in SOLVERS:
             raise UsageError(f"solver must be 'adams2' or 'euler', got {solver!r}")
         if groups is not None:
             if clip_steps is not None:

@@ -12,12 +12,11 @@ from typing import Optional
 
 import torch
 
+from dar_fast.defaults import LIBRARY_DEFAULTS, SOLVERS
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 GENERATE_KEYS = ("labels", "cfg", "seed", "sample_ids", "temperature", "top_k", "top_p", "steps", "solver",
                  "prefix_tokens")
-LIBRARY_DEFAULTS = {"cfg": 4.0, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
 MAX_IMAGE_BYTES = 8 << 20            # an upload larger than 8 MiB is not a layout reference
-SOLVERS = ("adams2", "euler")
 MAX_STEPS = 1000                     # one preview event per step: more than this is a mistake, not a setting
 
 
