@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from dar_fast.kernels._interp import interpreted_stdlib, interpreting, on_device
-from dar_fast.kernels.backend import use_triton
+from dar_fast.ops import use_kernel
 
 try:  # optional: the module must import (and the reference run) without triton
     import triton
@@ -293,7 +293,7 @@ def adaln_modulate(x, shift, scale, eps: float = LN_EPS, normalize: bool = True)
     _check(x, ("shift", shift), ("scale", scale))
     if shift is None or scale is None:
         raise ValueError("adaln_modulate: shift and scale are required")
-    if not use_triton("adaln", x, shift, scale):
+    if not use_kernel("adaln", x, shift, scale):
         return adaln_modulate_ref(x, shift, scale, eps, normalize)
     return _run(x, None, None, shift, scale, eps, normalize)[0]
 
@@ -306,7 +306,7 @@ def gated_residual(x, gate, y, shift=None, scale=None, eps: float = LN_EPS):
                          f"{None if y is None else (tuple(y.shape), y.dtype)}")
     if (shift is None) != (scale is None):
         raise ValueError("gated_residual: give both shift and scale, or neither")
-    if not use_triton("adaln", x, gate, y, shift, scale):
+    if not use_kernel("adaln", x, gate, y, shift, scale):
         return gated_residual_ref(x, gate, y, shift, scale, eps)
     out = _run(x, gate, y, shift, scale, eps, True)
     return out[0] if shift is None else out

@@ -42,7 +42,7 @@ disappears. Splits: with B * Hk programs below ~2 x 132 SMs (batch 1: 2 rows x
 batch one split suffices and phase 2 is skipped.
 It stops being fast when
   * D is not a power of two (lanes masked) or the cache is not contiguous in D;
-  * B * Hq is tiny and len is short: one launch (~3 us) dominates a
+  * B * Hq is tiny and len is short: one launch (~3 us, a typical figure, not timed here) dominates a
     sub-microsecond read; only a CUDA graph over the whole step helps;
   * G > 16 (then G is padded to the next power of two and the dot grows).
 Precision: float32 softmax and accumulator; p is rounded to the cache dtype
@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 
 from dar_fast.kernels._interp import interpreted_stdlib, interpreting, on_device
-from dar_fast.kernels.backend import use_triton
+from dar_fast.ops import use_kernel
 
 try:  # optional: the module must import (and the reference run) without triton
     import triton
@@ -251,7 +251,7 @@ def decode_attention(q, k_cache, v_cache, cache_len, scale=None, num_splits=None
                          f"{cache_len.dtype} {tuple(cache_len.shape)}")
     if cache_len.device != q.device or k_cache.device != q.device or v_cache.device != q.device:
         raise ValueError("decode_attention: q, the caches and cache_len must be on one device")
-    if not use_triton("decode_attention", q, k_cache, v_cache):
+    if not use_kernel("decode_attention", q, k_cache, v_cache):
         return decode_attention_ref(q, k_cache, v_cache, cache_len, scale)
     if q.stride(-1) != 1:
         q = q.contiguous()

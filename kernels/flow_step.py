@@ -18,7 +18,8 @@ difference, the scale, the add: ~48 bytes per element for fp32 AB instead of
 16), plus one for the division and three for the uint8 conversion
 (+1, *127.5, clamp, cast, permute-copy). The kernel reads each input once,
 computes in fp32 and writes once, so at (64, 3, 256, 256) fp32 it needs ~200 MB,
-~70 us at 3 TB/s; with to_uint8 it writes 1 byte per element instead of 4.
+~70 us at 3 TB/s (estimate: 12.6 M elements x 16 B for three reads and a write = 201 MB, / 3e12 B/s
+= 67 us); with to_uint8 it writes 1 byte per element instead of 4.
 Times come as scalars or as device pointers (loaded in-kernel), so nothing is
 read back to the host and one captured CUDA graph serves every step.
 It stops being fast when
@@ -42,7 +43,7 @@ import numbers
 import torch
 
 from dar_fast.kernels._interp import interpreted_stdlib, interpreting, on_device
-from dar_fast.kernels.backend import use_triton
+from dar_fast.ops import use_kernel
 
 try:  # optional: the module must import (and the reference run) without triton
     import triton
@@ -265,7 +266,7 @@ def flow_step(x, v, v_prev, t, t_next, *, data_std=None, to_uint8=False):
     Triton path; the torch path is `flow_output_ref` (x's dtype, as released).
     """
     _check_flow_inputs(x, v, v_prev, t, t_next, data_std, to_uint8)
-    if x.shape[0] <= 65535 and use_triton("flow_step", x, v, v_prev):      # the batch is grid axis 1
+    if x.shape[0] <= 65535 and use_kernel("flow_step", x, v, v_prev):      # the batch is grid axis 1
         return flow_step_triton(x, v, v_prev, t, t_next, data_std, to_uint8)
     return flow_output_ref(x, v, v_prev, t, t_next, data_std, to_uint8)
 

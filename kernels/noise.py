@@ -29,9 +29,9 @@ sqrt, one division, the branch select), then one float32 store: 4 bytes written 
 read. A 256x256 RGB image is 196,608 elements: ~14 MFLOP float64, ~0.4 us at the H100's 34 TFLOP/s
 float64 (estimate: 196,608 x 70 / 34e12), against 1-3 ms for the host generator it replaces
 (seeded torch.randn per sample, then a host-to-device copy). It stops being fast when
-  * the GPU has weak float64 (consumer parts: 1/64 of float32), where it is ~10-50 us per image, still
-    far below the host path;
-  * B x n is tiny: one launch (~3 us) dominates.
+  * the GPU has weak float64 (consumer parts: 1/64 of float32), where it is ~10-50 us per image (estimate:
+    14 MFLOP at 0.3-1.4 TFLOP/s float64), still far below the host path;
+  * B x n is tiny: one launch (~3 us, a typical figure, not timed here) dominates.
 The CPU reference (numpy Philox, torch float64 ops, the tail branch only where used) measured 0.11 s per
 3 x 256 x 256 image on this project's shared 2-core CI machine (load average 9), 4 ms per 3 x 32 x 32 digit:
 slower than a seeded torch.randn, so on CUDA draw with `seeding.sample_noise(..., device="cuda")` (the kernel)
@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from dar_fast.kernels._interp import interpreted_stdlib, interpreting
-from dar_fast.kernels.backend import use_triton
+from dar_fast.ops import use_kernel
 from dar_fast.kernels.sample_tokens import _log_f64
 
 try:  # optional: the module must import (and the reference run) without triton
@@ -283,6 +283,6 @@ def keyed_normal(seeds: torch.Tensor, sample_ids: torch.Tensor, n: int, device=N
         raise ValueError(f"keyed_normal: {n} elements per sample; at most 2^34")
     device = torch.device(device) if device is not None else seeds.device
     probe = torch.empty(0, device=device)
-    if use_triton("noise", probe):
+    if use_kernel("noise", probe):
         return keyed_normal_triton(seeds, sample_ids, n, device)
     return keyed_normal_ref(seeds, sample_ids, n, device)

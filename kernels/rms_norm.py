@@ -43,7 +43,7 @@ import functools
 import torch
 
 from dar_fast.kernels._interp import interpreted_stdlib, interpreting, on_device
-from dar_fast.kernels.backend import use_triton
+from dar_fast.ops import use_kernel
 
 try:  # optional: the module must import (and the reference run) without triton
     import triton
@@ -216,7 +216,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, residual:
                          f"({tuple(residual.shape)}, {residual.dtype})")
     if weight.device != x.device or (residual is not None and residual.device != x.device):
         raise ValueError("rms_norm: x, weight and residual must be on one device")
-    if not use_triton("rms_norm", x, weight, residual):
+    if not use_kernel("rms_norm", x, weight, residual):
         return rms_norm_ref(x, weight, eps, residual)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, residual))
     if needs_grad:

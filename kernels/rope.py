@@ -25,7 +25,7 @@ need no copy). Forward and backward are the same kernel (backward rotates by
 -angle).
 It stops being fast when
   * there are few tokens (AR decode: B*T = 128 programs of 32 heads): the
-    launch (~3-5 us) dominates and the GPU is mostly idle; only fusing RoPE
+    launch (~3-5 us, a typical figure, not timed here) dominates and the GPU is mostly idle; only fusing RoPE
     into the qkv GEMM epilogue or capturing the step in a CUDA graph helps;
   * the head dim is tiny (each program then moves few bytes; the per-token
     sin/cos, D/2 of them per program, start to show);
@@ -40,7 +40,7 @@ import sys
 import torch
 
 from dar_fast.kernels._interp import interpreted_stdlib, interpreting, on_device
-from dar_fast.kernels.backend import use_triton
+from dar_fast.ops import use_kernel
 
 try:  # optional: the module must import (and the reference run) without triton
     import triton
@@ -276,7 +276,7 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor | None, pos: torch.Tensor, base:
         pos = pos.to(q.device)
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or (k is not None and k.requires_grad))
     inplace = inplace and not needs_grad
-    if use_triton("rope", q, k, pos):
+    if use_kernel("rope", q, k, pos):
         if needs_grad:
             return RopeFunction.apply(q, k, pos, base)
         if inplace:

@@ -46,7 +46,7 @@ Where the kernels are fast, and why they stop being fast
 (CUDA figures are estimates: the kernel has not been timed yet; benchmarks/bench_sample_tokens.py
 measures them.) Without top-k/top-p, the CUDA kernel (one 512-thread block per row) reads the
 logits once and writes 8 bytes per row: at V = 16384 with CFG in bf16 that is 64 KiB per row, so
-B = 256 is ~16 MiB, ~6 us at 3 TB/s. Philox costs ~25 integer ops per entry; the two float64 logs
+B = 256 is ~16 MiB, ~6 us at 3 TB/s (16384 x 2 x 2 B = 64 KiB; x 256 = 16 MiB / 3e12 B/s = 5.6 us). Philox costs ~25 integer ops per entry; the two float64 logs
 (~60 ops) are only evaluated where a cheap upper bound of the noise (`gumbel_upper_f64` in
 csrc/sample_tokens_math.h) could still win the race, a few percent of the entries, and a group
 of 4 whose largest logit is more than 23 (the largest possible noise) below the best value so
@@ -68,7 +68,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from dar_fast.kernels.backend import requested
+from dar_fast.ops import use_kernel
 
 __all__ = ["sample_tokens", "sample_tokens_ref", "philox4x32_10", "philox_words", "gumbel_noise",
            "exp_mass", "extension_status"]
@@ -399,13 +399,16 @@ def extension_status() -> dict:
 def _warn_once(key: str, msg: str) -> None:
     if key not in _WARNED:
         _WARNED.add(key)
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+        warnings.warn(msg, RuntimeWarning, stacklevel=5)   # past _ext_ready, ops.use_kernel, _use_ext: the line in sample_tokens
 
 
 def _use_ext(device: torch.device) -> bool:
-    """True when the compiled op should run for tensors on `device`."""
-    if requested("sample_tokens") == "torch" or device.type not in ("cpu", "cuda"):
-        return False
+    """True when the compiled op should run for tensors on `device` (decided by `dar_fast.ops.use_kernel`)."""
+    return use_kernel("sample_tokens", device)
+
+
+def _ext_ready(device: torch.device) -> bool:
+    """The build check `dar_fast.ops` runs for this op: dar_fast._C loaded, with CUDA for CUDA tensors."""
     ext = _load_ext()
     if ext is None:
         _warn_once("missing", f"dar_fast._C is not available ({_EXT_ERROR}); sample_tokens runs the PyTorch "

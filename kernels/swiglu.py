@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from dar_fast.kernels._interp import interpreted_stdlib, interpreting, on_device
-from dar_fast.kernels.backend import use_triton
+from dar_fast.ops import use_kernel
 
 try:  # optional: the module must import (and the reference run) without triton
     import triton
@@ -166,7 +166,7 @@ def swiglu(x13: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"swiglu: the last dim of x13 must be even (the [w1; w3] halves), got shape {tuple(x13.shape)}")
     if not x13.is_floating_point():
         raise TypeError(f"swiglu: x13 must be floating point, got {x13.dtype}")
-    if not use_triton("swiglu", x13):
+    if not use_kernel("swiglu", x13):
         return swiglu_ref(x13)
     if torch.is_grad_enabled() and x13.requires_grad:
         return SwiGLUFunction.apply(x13)
