@@ -16,6 +16,8 @@ import traceback
 
 import torch
 
+from dar_fast.seeding import key
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 for _p in (HERE, os.path.join(REPO, "tests")):
@@ -151,7 +153,7 @@ def randomize(model: torch.nn.Module, scale: float = 0.02, seed: int = 0) -> tor
     model's device: a 1.5 GB model would spend seconds in CPU randn and the copy."""
     with torch.no_grad():
         for i, (name, p) in enumerate(model.named_parameters()):
-            g = torch.Generator(device=p.device).manual_seed(seed * 100003 + i)
+            g = torch.Generator(device=p.device).manual_seed(key(seed, "randomize", i))
             r = torch.randn(p.shape, generator=g, device=p.device, dtype=torch.float32)
             if name.endswith(("norm.weight", "norm1.weight", "norm2.weight")) or "_norm.weight" in name:
                 p.copy_(1 + 0.1 * r)

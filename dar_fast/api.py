@@ -7,7 +7,7 @@ import torch
 
 from dar_fast.checkpoint import (AR_ORDER, TOKENIZER_ORDER, CheckpointMismatch, load_strict, read_checkpoint_set,
                                  save_safetensors)
-from dar_fast.defaults import model_defaults
+from dar_fast.defaults import PRECISIONS, model_defaults
 from dar_fast.errors import UsageError
 from dar_fast.config import ARConfig, TokenizerConfig, ar_config, tokenizer_config
 from dar_fast.models import ARModel, Tokenizer
@@ -78,9 +78,6 @@ def load_ar(ckpt, config=None, device="cpu", dtype=torch.float32, weights=None) 
     model.loaded_weights = which
     model.sampling = model_defaults(ckpt, config, ck_cfg)     # e.g. the paper's cfg schedule of a D-AR preset
     return model.to(device=device, dtype=dtype).eval()
-
-
-PRECISIONS = ("released", "fast")
 
 
 def resolve_precision(precision, device, dtype=None):

@@ -22,6 +22,8 @@ from dar_fast.errors import UsageError
 SAMPLING_KEY = "dar_fast_sampling"       # safetensors metadata entry (JSON)
 KEYS = ("cfg", "temperature", "top_k", "top_p", "steps", "solver")
 SOLVERS = ("adams2", "euler")
+# arithmetic modes of sampling (dar_fast.api.resolve_precision says what each runs in)
+PRECISIONS = ("released", "fast")
 # used when neither the caller nor the model says otherwise; cfg 4.0 is LlamaGen's sample script default
 LIBRARY_DEFAULTS = {"cfg": 4.0, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
 
@@ -53,17 +55,17 @@ def check(d, where: str) -> dict:
         bad = UsageError(f"{where}: sampling.{k} = {v!r} is not valid")
         if k == "cfg":
             vals = v if isinstance(v, (list, tuple)) else [v]
-            if len(vals) not in (1, 2) or not all(_is_num(x) and math.isfinite(x) and x >= 0 for x in vals):
+            if len(vals) not in (1, 2) or not all(is_number(x) and math.isfinite(x) and x >= 0 for x in vals):
                 raise UsageError(f"{where}: sampling.cfg must be a scale >= 0 or [start, end], got {v!r}")
             v = float(vals[0]) if len(vals) == 1 and not isinstance(v, (list, tuple)) else [float(x) for x in vals]
             if isinstance(v, list) and len(v) == 1:
                 v = v[0]
         elif k == "temperature":
-            if not (_is_num(v) and math.isfinite(v) and v > 0):
+            if not (is_number(v) and math.isfinite(v) and v > 0):
                 raise bad
             v = float(v)
         elif k == "top_p":
-            if not (_is_num(v) and 0 < v <= 1):
+            if not (is_number(v) and 0 < v <= 1):
                 raise bad
             v = float(v)
         elif k in ("top_k", "steps"):
@@ -76,7 +78,8 @@ def check(d, where: str) -> dict:
     return out
 
 
-def _is_num(x) -> bool:
+def is_number(x) -> bool:
+    """An int or float and not a bool (JSON `true` is no cfg value); the server's schema checks with it too."""
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 

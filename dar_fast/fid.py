@@ -26,6 +26,7 @@ import time
 import numpy as np
 import torch
 
+from dar_fast.defaults import PRECISIONS
 from dar_fast.errors import UsageError
 from dar_fast.io import file_sha256
 from dar_fast.shards import ShardedOutput, ShardWriter, manifest_path
@@ -58,7 +59,7 @@ def register(sub):
                    help="diffusion steps of the decode (default: the model's, else the tokenizer's own)")
     p.add_argument("--solver", choices=SOLVERS, default=None,
                    help="flow solver (default: the model's, else adams2 as released)")
-    p.add_argument("--precision", choices=["released", "fast"], default="released",
+    p.add_argument("--precision", choices=PRECISIONS, default="released",
                    help="released (default): AR bfloat16, tokenizer float32 with TF32 matmuls, as the released FID "
                         "script, so the FID compares with the paper's; fast: bfloat16 throughout (CPU: float32)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
@@ -75,8 +76,8 @@ def register(sub):
 def class_of(i: int, seed: int, num_classes: int, random_classes: bool) -> int:
     if not random_classes:
         return i % num_classes
-    from dar_fast.seeding import key
-    g = torch.Generator().manual_seed(key(seed ^ 0x5DEECE66D, i))      # its own stream beside the noise keys
+    from dar_fast.seeding import class_seed
+    g = torch.Generator().manual_seed(class_seed(seed, i))
     return int(torch.randint(num_classes, (1,), generator=g))
 
 

@@ -50,10 +50,11 @@ import time
 import numpy as np
 import torch
 
+from dar_fast.defaults import PRECISIONS as SAMPLING_PRECISIONS
 from dar_fast.errors import UsageError
 from dar_fast.shards import ShardedOutput, manifest_path
 
-PRECISIONS = ("released", "fast", "float32")
+PRECISIONS = (*SAMPLING_PRECISIONS, "float32")   # the sampling modes, and float32 throughout
 GT_PIXELS = ("exact", "released")
 NUM_PREVIEWS = 8
 

@@ -66,6 +66,13 @@ def noise_seed(seed: int, sample_id: int) -> int:
     return key(seed, sample_id)
 
 
+def class_seed(seed: int, sample_id: int) -> int:
+    """63-bit generator seed of the FID's random class for sample (seed, sample id): ``key(seed ^ 0x5DEECE66D,
+    sample_id)``, a stream of its own beside the noise keys (the XOR keeps the values recorded before `key`
+    existed; a str stream would change them)."""
+    return key(seed ^ 0x5DEECE66D, sample_id)
+
+
 def sample_noise(seeds: torch.Tensor, sample_ids: torch.Tensor, shape: Sequence[int], device=None) -> torch.Tensor:
     """(B,) keys -> (B, *shape) float32 standard normal noise, drawn on `device` (default: the CPU).
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from dar_fast.commands import common
-from dar_fast.defaults import SOLVERS
+from dar_fast.defaults import PRECISIONS, SOLVERS
 from dar_fast.errors import UsageError
 
 IMAGENET_DEMO = [207, 360, 387, 974, 88, 979, 417, 279]   # classes shown in DiT's demo grid
@@ -62,7 +62,7 @@ def register(sub):
                    help="cpu, cuda or cuda:N (default: cpu for the digits model, else cuda if available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="weights' dtype for both models (default: bfloat16 on GPU, float32 on CPU)")
-    p.add_argument("--precision", choices=["released", "fast"], default=None,
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="released: AR bfloat16, tokenizer float32 with TF32 matmuls (the released FID script); "
                         "fast: bfloat16 throughout; CPU: float32 either way (default: --dtype's rule)")
     p.add_argument("--threads", type=common.positive_int, default=None,

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from dar_fast.defaults import LIBRARY_DEFAULTS, SOLVERS
+from dar_fast.defaults import LIBRARY_DEFAULTS, SOLVERS, is_number
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 GENERATE_KEYS = ("labels", "cfg", "seed", "sample_ids", "temperature", "top_k", "top_p", "steps", "solver",
                  "prefix_tokens")
@@ -32,10 +32,6 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_num(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 def _int64(v, name: str) -> int:
     if not _is_int(v):
         raise BadRequest(f"{name} must be an integer, got {v!r}")
@@ -45,7 +41,7 @@ def _int64(v, name: str) -> int:
 
 
 def _finite(v, name: str) -> float:
-    if not _is_num(v) or not math.isfinite(v):
+    if not is_number(v) or not math.isfinite(v):
         raise BadRequest(f"{name} must be a finite number, got {v!r}")
     return float(v)
 
