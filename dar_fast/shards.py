@@ -298,7 +298,8 @@ def _diff(old: dict, new: dict) -> str:
 
 class ShardWriter:
     """Writes finished shards on one background thread, so the device generates the next batch while the
-    previous one is hashed (SHA-256, ~0.2 GB/s on one core here: ~1 s for a 64 x 256 x 256 x 3 shard) and written.
+    previous one is hashed (SHA-256, 0.19 GB/s measured on one core, see `pending`: ~0.07 s for a 64 x 256 x 256 x 3
+    uint8 shard, estimate 12.6 MB / 0.19 GB/s) and written.
 
     The queue holds at most `depth` shards (bounded memory). The first write error is raised in the generating
     thread at its next `put` or at `close`; `close` always waits for the queued shards, each written atomically,

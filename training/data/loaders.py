@@ -91,7 +91,7 @@ class _Reader:
             return _memory_chunks(self._decoder, shard.chunks(epoch, j, B), self._chw if self._identity else None,
                                   self._flip_all)
         # Forked workers crash while DALI pipelines run threads in this process: start them from a clean
-        # forkserver then (~3 s per start instead of ~0.1 s).
+        # forkserver then (~3 s per start instead of ~0.1 s, an estimate: the server's child imports torch afresh).
         ctx = "forkserver" if self.num_workers > 0 and len(_dali.LIVE_PIPELINES) else None
         return iter(torch.utils.data.DataLoader(
             self._decoder, batch_sampler=_ChunkSampler(shard, epoch, j, B), num_workers=self.num_workers,
