@@ -8,6 +8,13 @@ tokenizer step counted with torch.profiler (leaf ATen ops that are not views; in
 inductor kernels, recorded with `cpp.enable_kernel_profile`). The "released" row is the released code's
 structure in plain PyTorch: every token through the KV-cache loop with softmax + torch.multinomial, then the
 whole decode (its tokens differ from the keyed sampler's by design; it is timed, not compared).
+Every timed figure is taken warm, and each row's `compiles` says how many graphs torch._dynamo compiled
+during each measurement (`dynamo_graphs`): the stage split (ar_ms / tokenizer_ms) and ms_per_decode_step
+each run an untimed pass first; a nonzero count in a timed measurement is listed in
+`timing_included_compile` and printed as a warning instead of passing silently. (The first CPU digits JSON
+had ar_ms 61 s and 4150 ms per decode step at batch 1 compiled against a 300 ms total: its decode re-run
+ran outside no_grad, and grad mode is a guard of every compiled graph, so it recompiled; see
+`ms_per_decode_step`.)
 
     python benchmarks/bench_sampling.py --device cpu                      # digits model, batches 1 and 8
     python benchmarks/bench_sampling.py --device cpu --count-presets D-AR-L D-AR-XL   # + kernel counts
@@ -19,6 +26,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from typing import Optional
 
 import torch
 
@@ -60,10 +68,37 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_engine(pipe: Pipeline, batch: int, cfg, reps: int):
-    """(best seconds, {'ar','tokenizer'} split, seconds to the first preview at batch 1) of pipe.stream (bench_fid)."""
+def dynamo_graphs() -> int:
+    """Graphs torch._dynamo has produced in this process so far: every compile and every recompile adds one
+    (`counters["stats"]["unique_graphs"]`). A timed pass during which it moves timed a compile, not the step."""
+    try:
+        from torch._dynamo.utils import counters
+        return int(counters["stats"]["unique_graphs"])
+    except Exception:      # pragma: no cover - no dynamo in this torch
+        return 0
+
+
+def stage_profile(pipe: Pipeline, labels, cfg) -> tuple:
+    """({'ar','tokenizer'} seconds, {'warmup', 'timed'} graphs compiled) of one warm profiled pass.
+
+    A pass without a profile runs first: a profiled stream takes the same graphs, but whatever the call still
+    has to compile (a specialisation the timed runs did not reach, a guard another pipeline on the same model
+    invalidated) is compiled there and not inside the laps."""
+    c0 = dynamo_graphs()
+    list(pipe.stream(labels, cfg=cfg, previews=False))
+    c1 = dynamo_graphs()
+    prof = {}
+    list(pipe.stream(labels, cfg=cfg, previews=False, profile=prof))
+    return prof, {"warmup": c1 - c0, "timed": dynamo_graphs() - c1}
+
+
+def time_engine(pipe: Pipeline, batch: int, cfg, reps: int, compiles: Optional[dict] = None):
+    """(best seconds, {'ar','tokenizer'} split, seconds to the first preview at batch 1) of pipe.stream (bench_fid).
+    compiles (optional dict) receives the graphs compiled in the warm-up, the timed repetitions and the profile."""
     labels = torch.arange(batch) % pipe.num_classes
+    c0 = dynamo_graphs()
     pipe.sample(labels, cfg=cfg)                                     # warm up (compile, capture)
+    c1 = dynamo_graphs()
     best, first_preview = float("inf"), None
     for _ in range(reps):
         sync(pipe.device)
@@ -73,8 +108,10 @@ def time_engine(pipe: Pipeline, batch: int, cfg, reps: int):
                 first_preview = time.perf_counter() - t0
         sync(pipe.device)
         best = min(best, time.perf_counter() - t0)
-    prof = {}
-    list(pipe.stream(labels, cfg=cfg, previews=False, profile=prof))
+    c2 = dynamo_graphs()
+    prof, pc = stage_profile(pipe, labels, cfg)
+    if compiles is not None:
+        compiles.update(warmup=c1 - c0 + pc["warmup"], timed_reps=c2 - c1, profile=pc["timed"])
     return best, prof, first_preview
 
 
@@ -99,17 +136,23 @@ def released_sample(tok, ar, labels, cfg: float):
     return tok.decode(tokens, noise=noise)
 
 
-def ms_per_decode_step(pipe, B, cfg):
-    """Time the engine's decode steps alone: N steps re-run over the buffers of the last call."""
+@torch.no_grad()     # grad mode is part of every compiled graph's guards: a run under grad would recompile
+def ms_per_decode_step(pipe, B, cfg) -> tuple:
+    """(ms per step, graphs compiled during the timed pass) of the engine's decode steps alone: N steps re-run
+    over the buffers of the last call, once untimed (anything still to compile compiles there), then timed."""
     key = next(k for k in pipe._engine_steps if k[0] == "decode" and k[1] == B)
     dec = pipe._engine_steps[key]
     N = dec.N
+    dec.install()             # this object's KV buffers (another pipeline on the same model may have run since)
     dec.pos.fill_(0)
+    dec.run(0, N)
+    dec.pos.fill_(0)
+    c0 = dynamo_graphs()
     sync(pipe.device)
     t0 = time.perf_counter()
     dec.run(0, N)
     sync(pipe.device)
-    return (time.perf_counter() - t0) * 1e3 / N
+    return (time.perf_counter() - t0) * 1e3 / N, dynamo_graphs() - c0
 
 
 def count_model(name, tok, ar, batches, cfg, modes, rows):
@@ -145,20 +188,25 @@ def bench_model(name, tok, ar, batches, reps, cfg, modes, rows, count=True):
     for B in batches:
         labels = torch.arange(B) % ar.num_classes
         ref = reference_sample(tok, ar, labels, cfg=cfg)
-        identical, warm_s = {}, {}
+        identical, warm_s, warm_c = {}, {}, {}
         for m, p in pipes.items():
+            c0 = dynamo_graphs()
             t0 = time.perf_counter()
             out = p.sample(labels, cfg=cfg)                     # warm-up: compile / capture happen here
             warm_s[m] = time.perf_counter() - t0
+            warm_c[m] = dynamo_graphs() - c0
             identical[m] = bool(torch.equal(out.tokens, ref.tokens))
         times = {k: [] for k in impls}
+        rep_c = {k: 0 for k in impls}
         for _ in range(reps):                                   # alternated: every impl once per repetition
             for k, f in impls.items():
+                c0 = dynamo_graphs()
                 sync(dev)
                 t0 = time.perf_counter()
                 f(labels)
                 sync(dev)
                 times[k].append((time.perf_counter() - t0) * 1e3)
+                rep_c[k] += dynamo_graphs() - c0
         load = os.getloadavg()
         for k, ts in times.items():
             rec = dict(model=name, batch=B, impl=k, ms_min=min(ts), ms_median=sorted(ts)[len(ts) // 2], ms_reps=ts,
@@ -167,8 +215,8 @@ def bench_model(name, tok, ar, batches, reps, cfg, modes, rows, count=True):
                 m = k[len("engine-"):]
                 p = pipes[m]
                 st = engine.status(p)
-                prof = {}
-                list(p.stream(labels, cfg=cfg, previews=False, profile=prof))
+                prof, stage_c = stage_profile(p, labels, cfg)
+                step_ms, step_c = ms_per_decode_step(p, B, cfg)
                 rec.update(ratio_vs_reference_per_rep=[r / e for r, e in zip(times["reference"], ts)],
                            ratio_vs_released_per_rep=[r / e for r, e in zip(times["released"], ts)],
                            tokens_identical_to_reference=identical[m], first_call_s=warm_s[m],
@@ -177,8 +225,21 @@ def bench_model(name, tok, ar, batches, reps, cfg, modes, rows, count=True):
                            compiled=all(o["mode"] in ("compiled", "captured") for o in st["objects"]),
                            graph_captured=all(o["mode"] == "captured" for o in st["objects"]),
                            ar_ms=prof.get("ar", 0) * 1e3, tokenizer_ms=prof.get("tokenizer", 0) * 1e3,
-                           ms_per_decode_step=ms_per_decode_step(p, B, cfg))
+                           ms_per_decode_step=step_ms,
+                           # graphs dynamo compiled during each measurement (0 = measured warm); the first
+                           # call, the stage profile and ms/decode step each get an untimed warm-up pass
+                           compiles={"first_call": warm_c[m], "timed_reps": rep_c[k],
+                                     "stage_profile_warmup": stage_c["warmup"], "stage_profile": stage_c["timed"],
+                                     "decode_step_timing": step_c})
                 rec["ratio_vs_reference_median"] = sorted(rec["ratio_vs_reference_per_rep"])[reps // 2]
+                hot = {n: c for n, c in rec["compiles"].items()
+                       if c and n in ("timed_reps", "stage_profile", "decode_step_timing")}
+                rec["timing_included_compile"] = sorted(hot)
+                if hot:
+                    print(f"warning: {name} batch {B} {k}: compiled during timed work {hot}; those figures "
+                          "include compile time", file=sys.stderr)
+            else:
+                rec["compiles"] = {"timed_reps": rep_c[k]}
             rows.append(rec)
             print_row({k2: v for k2, v in rec.items() if not isinstance(v, list)})
         if count:
