@@ -18,6 +18,7 @@ ran outside no_grad, and grad mode is a guard of every compiled graph, so it rec
 
     python benchmarks/bench_sampling.py --device cpu                      # digits model, batches 1 and 8
     python benchmarks/bench_sampling.py --device cpu --count-presets D-AR-L D-AR-XL   # + kernel counts
+    python benchmarks/bench_sampling.py --device cpu --compiled-presets D-AR-L D-AR-XL   # + compiled, by layers
     python benchmarks/bench_sampling.py                                   # GPU: D-AR-L/XL/XXL, random weights
     python benchmarks/bench_sampling.py --smoke --device cpu              # tiny CI run
 """
@@ -41,7 +42,7 @@ from dar_fast.pipeline import Pipeline  # noqa: E402
 from dar_fast.sampler import reference_sample  # noqa: E402
 from dar_fast.seeding import resolve_keys, sample_noise  # noqa: E402
 
-from kernel_counts import count_decode_kernels, count_tokenizer_kernels  # noqa: E402
+from kernel_counts import compiled_preset_rows, count_decode_kernels, count_tokenizer_kernels  # noqa: E402
 
 
 def build(tok_cfg: TokenizerConfig, ar_cfg: ARConfig, device, dtype):
@@ -287,6 +288,9 @@ def main():
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--threads", type=int, default=1, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--count-presets", nargs="*", default=[], help="also count kernels per decode step of these")
+    p.add_argument("--compiled-presets", nargs="*", default=[],
+                   help="also count compiled kernels per decode step of these presets on the CPU, measured at n_layer "
+                        "1 and 2 and derived for the full depth (kernel_counts.count_decode_layers)")
     p.add_argument("--counts-only", action="store_true", help="digits model: kernel counts, no timing")
     args = p.parse_args()
     device = resolve_device(args.device)
@@ -322,6 +326,10 @@ def main():
         model_desc = "tokenizer_v1 + " + ",".join(args.presets or ["D-AR-L", "D-AR-XL", "D-AR-XXL"])
     if args.count_presets:
         count_presets(args.count_presets, rows, device)
+    if args.compiled_presets:
+        for rec in compiled_preset_rows(args.compiled_presets, progress=lambda m: print(m, file=sys.stderr, flush=True)):
+            rows.append(rec)
+            print_row(rec)
     out = args.out or default_out("sampling", device, args.smoke)
     write_results(out, "sampling", rows, device, smoke=args.smoke,
                   extra={"model": model_desc, "cfg": args.cfg, "dtype": str(dtype).replace("torch.", ""),

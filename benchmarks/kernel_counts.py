@@ -5,9 +5,20 @@ below it) that is not a view or metadata op, plus every inductor-generated C++ k
 region (recorded because this module turns on inductor's `cpp.enable_kernel_profile`, which makes each
 generated kernel a profiler event; it costs ~1 us per kernel, so compiled timings here are, if anything,
 pessimistic).
+
+Compiled counts of the released AR presets without compiling 24 / 36 layers (`count_decode_layers`): the
+preset's exact layer shapes are built with n_layer=1 and n_layer=2, each decode step compiled and counted;
+per layer = count(2) - count(1), and the step of L layers = count(1) + (L - 1) * per layer, a derived figure
+that is exact when every layer is the same code on the same shapes (true of the Llama blocks here). The same
+derivation in eager mode is checked against the eager count of the full-depth model.
+
+    python benchmarks/kernel_counts.py --compiled-presets D-AR-L D-AR-XL --out counts.json
 """
 from __future__ import annotations
 
+import copy
+import os
+import sys
 from collections import Counter
 
 import torch
@@ -124,3 +135,130 @@ def count_tokenizer_kernels(pipe, labels, cfg, tok=None) -> dict:
     nc, _ = _count(cond_group, cuda)
     return {"tokenizer_step_kernels": nd, "tokenizer_step_top_kernels": topd,
             "cond_kernels_per_group": nc, "cond_kernels_all_tokens": nc * pipe.tok.num_groups}
+
+
+def _dynamo_graphs() -> int:
+    try:
+        from torch._dynamo.utils import counters
+        return int(counters["stats"]["unique_graphs"])
+    except Exception:      # pragma: no cover
+        return 0
+
+
+@torch.no_grad()
+def _decode_step_for(acfg, n_layer: int, mode: str, batch: int, cfg: float, device="cpu"):
+    """An ARModel with `acfg`'s layer shapes and n_layer layers (random weights, a 16-token cache: the counts do
+    not depend on the sequence length) and a loaded, prefilled engine DecodeStep over it."""
+    from dar_fast.defaults import LIBRARY_DEFAULTS
+    from dar_fast.engine_graphs import DecodeStep
+    from dar_fast.models import ARModel
+    c = copy.deepcopy(acfg)
+    c.n_layer, c.block_size = n_layer, 16
+    torch.manual_seed(0)
+    ar = ARModel(c).to(device).eval()
+    for q in ar.parameters():            # released init zeroes some outputs; random weights count the same
+        q.normal_(0, 0.02)
+    d = LIBRARY_DEFAULTS
+    dec = DecodeStep(ar, batch, True, d["temperature"], d["top_k"], d["top_p"], mode)
+    dev = torch.device(device)
+    dec.load(torch.zeros(batch, dtype=torch.int64, device=dev), torch.arange(batch, device=dev),
+             torch.full((ar.num_tokens,), float(cfg), device=dev), None)
+    lab = torch.zeros(batch, dtype=torch.int64, device=dev)
+    dec.logits.copy_(ar.prefill(torch.cat([lab, torch.full_like(lab, ar.null_class)])))
+    return ar, dec
+
+
+def count_decode_layers(name: str, acfg, mode: str = "compiled", batch: int = 1, cfg: float = 4.0,
+                        progress=None) -> dict:
+    """Kernels per decode step of preset `name` (config `acfg`) in `mode`, measured at n_layer 1 and 2 and
+    derived for the preset's depth (see the module docstring)."""
+    cuda = False
+    measured, top, modes, compiles = {}, {}, {}, {}
+    for L in (1, 2):
+        if progress:
+            progress(f"{name}: {mode} decode step, n_layer={L} (building{' and compiling' if mode != 'eager' else ''})")
+        ar, dec = _decode_step_for(acfg, L, mode, batch, cfg)
+
+        def step():
+            dec.pos.fill_(3)
+            dec.run(3, 4)
+        step()                                   # compile (and warm) outside the count
+        c0 = _dynamo_graphs()
+        measured[L], top[L] = _count(step, cuda)
+        compiles[L] = _dynamo_graphs() - c0      # 0: the counted step ran the compiled graph, nothing new
+        modes[L] = dec.mode if dec.fallback is None else f"{dec.mode} (fallback: {dec.fallback})"
+        del ar, dec
+    per_layer = measured[2] - measured[1]
+    return {"model": name, "impl": f"kernels-engine-{mode}-by-layers", "batch": batch, "counted_on": "cpu",
+            "n_layer": acfg.n_layer, "dim": acfg.dim, "n_head": acfg.n_head, "vocab_size": acfg.vocab_size,
+            "modes_run": sorted(set(modes.values())), "compiles_while_counting": compiles,
+            "decode_kernels_measured_n_layer_1": measured[1], "decode_kernels_measured_n_layer_2": measured[2],
+            "decode_kernels_per_layer": per_layer,
+            "decode_kernels_per_step_derived": measured[1] + (acfg.n_layer - 1) * per_layer,
+            "derivation": f"count(1) + (n_layer - 1) * (count(2) - count(1)) = {measured[1]} + "
+                          f"{acfg.n_layer - 1} * {per_layer}",
+            "decode_top_kernels_n_layer_2": top[2]}
+
+
+@torch.no_grad()
+def count_decode_full(name: str, acfg, mode: str = "eager", batch: int = 1, cfg: float = 4.0) -> dict:
+    """The same step counted on the full-depth model (eager: cheap; checks the by-layers derivation)."""
+    ar, dec = _decode_step_for(acfg, acfg.n_layer, mode, batch, cfg)
+
+    def step():
+        dec.pos.fill_(3)
+        dec.run(3, 4)
+    step()
+    n, top = _count(step, False)
+    return {"model": name, "impl": f"kernels-engine-{mode}", "batch": batch, "counted_on": "cpu",
+            "n_layer": acfg.n_layer, "decode_kernels_per_step": n, "decode_top_kernels": top}
+
+
+def compiled_preset_rows(presets, batch: int = 1, cfg: float = 4.0, check_eager: bool = True, progress=None):
+    """Rows for each preset: compiled by layers (measured 1 and 2, derived L), and with check_eager the eager
+    by-layers derivation next to the eager full-depth count (equal when the derivation is exact)."""
+    from dar_fast.config import ar_config
+    rows = []
+    for item in presets:                    # a preset name, or (name, ARConfig)
+        name, acfg = (item, ar_config(item)) if isinstance(item, str) else item
+        rows.append(count_decode_layers(name, acfg, "compiled", batch, cfg, progress))
+        if check_eager:
+            if progress:
+                progress(f"{name}: eager check of the derivation")
+            by = count_decode_layers(name, acfg, "eager", batch, cfg)
+            full = count_decode_full(name, acfg, "eager", batch, cfg)
+            by["full_depth_count"] = full["decode_kernels_per_step"]
+            by["derivation_exact"] = by["decode_kernels_per_step_derived"] == full["decode_kernels_per_step"]
+            rows.append(by)
+    return rows
+
+
+def main():
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _common import common_args, default_out, print_row, resolve_device, write_results
+    p = common_args("Kernels per decode step of the released presets, compiled on CPU, measured by layers")
+    p.add_argument("--compiled-presets", nargs="+", default=["D-AR-L", "D-AR-XL"])
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--cfg", type=float, default=4.0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--no-eager-check", action="store_true", help="skip the eager full-depth check")
+    args = p.parse_args()
+    device = resolve_device("cpu" if args.device == "auto" else args.device)
+    if device.type != "cpu":
+        raise SystemExit("kernel_counts.py: counts compiled steps on the CPU (--device cpu)")
+    torch.set_num_threads(args.threads)
+    presets = args.compiled_presets
+    if args.smoke:      # a 3-layer toy with the same block code (CI: seconds with DAR_FAST_COMPILE_BACKEND=eager)
+        from dar_fast.config import ARConfig
+        presets = [("smoke", ARConfig(dim=64, n_layer=3, n_head=2, vocab_size=64, block_size=16, num_classes=10))]
+    rows = compiled_preset_rows(presets, args.batch, args.cfg, not args.no_eager_check,
+                                progress=lambda m: print(m, file=sys.stderr, flush=True))
+    for r in rows:
+        print_row(r)
+    out = args.out or default_out("kernel-counts", device, args.smoke)
+    write_results(out, "kernel_counts", rows, device, smoke=args.smoke, extra={"threads": torch.get_num_threads()})
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
