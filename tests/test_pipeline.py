@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from dar_fast import engine, ops
+from dar_fast.engine_graphs import DecodeStep
 from dar_fast.pipeline import Pipeline
 from dar_fast.sampler import reference_sample
 from dar_fast.sampling_args import cfg_schedule
@@ -94,13 +95,13 @@ def test_schedule_is_what_the_engine_uses(models, monkeypatch):
     """Record the scale the engine passes for every position."""
     tok, ar, pipe = models
     seen = {}
-    real = ops.sample_tokens
+    real = DecodeStep._sample
 
-    def spy(c, u=None, cfg_scale=1.0, *a, positions=None, **k):
-        seen[int(positions) if not torch.is_tensor(positions) else int(positions.flatten()[0])] = float(cfg_scale)
-        return real(c, u, cfg_scale, *a, positions=positions, **k)
+    def spy(self, c, u, scale, positions):      # the engine's one call into the sampler per token
+        seen[int(positions.flatten()[0])] = float(scale.flatten()[0])
+        return real(self, c, u, scale, positions)
 
-    monkeypatch.setattr(ops, "sample_tokens", spy)
+    monkeypatch.setattr(DecodeStep, "_sample", spy)
     pipe.sample([0], cfg=(1.1, 10.0), seed=0)
     expect = torch.linspace(1.1, 10.0, tok.num_tokens)
     assert sorted(seen) == list(range(tok.num_tokens))
