@@ -180,9 +180,10 @@ def count_decode_layers(name: str, acfg, mode: str = "compiled", batch: int = 1,
         ar, dec = _decode_step_for(acfg, L, mode, batch, cfg)
 
         def step():
-            dec.pos.fill_(3)
             dec.run(3, 4)
+        dec.pos.fill_(3)
         step()                                   # compile (and warm) outside the count
+        dec.pos.fill_(3)                         # outside the count: not part of a decode step
         c0 = _dynamo_graphs()
         measured[L], top[L] = _count(step, cuda)
         compiles[L] = _dynamo_graphs() - c0      # 0: the counted step ran the compiled graph, nothing new
@@ -206,9 +207,10 @@ def count_decode_full(name: str, acfg, mode: str = "eager", batch: int = 1, cfg:
     ar, dec = _decode_step_for(acfg, acfg.n_layer, mode, batch, cfg)
 
     def step():
-        dec.pos.fill_(3)
         dec.run(3, 4)
+    dec.pos.fill_(3)
     step()
+    dec.pos.fill_(3)
     n, top = _count(step, False)
     return {"model": name, "impl": f"kernels-engine-{mode}", "batch": batch, "counted_on": "cpu",
             "n_layer": acfg.n_layer, "decode_kernels_per_step": n, "decode_top_kernels": top}
