@@ -327,7 +327,8 @@ def main():
     if args.count_presets:
         count_presets(args.count_presets, rows, device)
     if args.compiled_presets:
-        for rec in compiled_preset_rows(args.compiled_presets, progress=lambda m: print(m, file=sys.stderr, flush=True)):
+        say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+        for rec in compiled_preset_rows(args.compiled_presets, progress=say):
             rows.append(rec)
             print_row(rec)
     out = args.out or default_out("sampling", device, args.smoke)

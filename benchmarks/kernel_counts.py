@@ -188,7 +188,6 @@ def count_decode_layers(name: str, acfg, mode: str = "compiled", batch: int = 1,
         measured[L], top[L] = _count(step, cuda)
         compiles[L] = _dynamo_graphs() - c0      # 0: the counted step ran the compiled graph, nothing new
         modes[L] = dec.mode if dec.fallback is None else f"{dec.mode} (fallback: {dec.fallback})"
-        del ar, dec
     per_layer = measured[2] - measured[1]
     return {"model": name, "impl": f"kernels-engine-{mode}-by-layers", "batch": batch, "counted_on": "cpu",
             "n_layer": acfg.n_layer, "dim": acfg.dim, "n_head": acfg.n_head, "vocab_size": acfg.vocab_size,

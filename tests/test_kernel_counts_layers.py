@@ -3,8 +3,6 @@ the full-depth count in eager mode, and the compiled count runs the compiled gra
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import kernel_counts as kc  # noqa: E402
 from dar_fast.config import ARConfig  # noqa: E402
