@@ -226,7 +226,10 @@ class DecodeStep(_Runner):
         cos, sin = rope_table(torch.arange(self.cache_len, device=dev), ar.cfg.head_dim, base)   # once
         self.rot_a, self.rot_b = rope_pair_tables(cos, sin)
         a0 = ar.layers[0].attention
-        self.shape = (a0.n_head, a0.n_kv, a0.hd, ar.layers[0].attention_norm.eps)
+        # SwiGLU: the Triton kernel on CUDA (`ops.swiglu`), else the reference itself, chosen once here rather
+        # than per call (the dispatch reads the environment: ~10 us a call on a CPU)
+        act = ops.swiglu if dev.type == "cuda" else swiglu_ref
+        self.shape = (a0.n_head, a0.n_kv, a0.hd, ar.layers[0].attention_norm.eps, act)
         # the C++ op straight away (eager too): `ops.sample_tokens` would re-check the arguments every token
         self.direct_sampler = _st.extension_status()["built"] is True
         self.gather_weights()
@@ -343,7 +346,7 @@ def _decode_block(x, w, rot, slot, cache, n, backend, shape):
     cache: ~18 ops (RMSNorm, QKV GEMM, RoPE on q and k together, 2 cache writes, attention, wo GEMM + add,
     RMSNorm, merged w1/w3 GEMM, SwiGLU, w2 GEMM + add)."""
     norm1, wqkv, wo, norm2, w13, w2 = w
-    Hq, Hk, hd, eps = shape
+    Hq, Hk, hd, eps, act = shape
     R, D = x.shape
     qkv = F.linear(rms_norm(x, norm1, eps), wqkv)                                     # (R, (Hq+2Hk)hd)
     qk = rotate_pairs(qkv[:, :(Hq + Hk) * hd].view(R, Hq + Hk, 1, hd), *rot)          # (R,Hq+Hk,1,hd)
@@ -357,7 +360,7 @@ def _decode_block(x, w, rot, slot, cache, n, backend, shape):
         o = F.scaled_dot_product_attention(qt, _rep(kc, qt), _rep(vc, qt))
     x = x + F.linear(o.reshape(R, D), wo)                                             # (R,Hq,1,hd) -> (R,D)
     h = F.linear(rms_norm(x, norm2, eps), w13)
-    return x + F.linear(swiglu_ref(h) if torch.compiler.is_compiling() else ops.swiglu(h), w2)
+    return x + F.linear(swiglu_ref(h) if torch.compiler.is_compiling() else act(h), w2)
 
 
 class TokenizerStep(_Runner):
