@@ -36,6 +36,21 @@ def test_engine_equals_reference(models, cfg, kw):
     assert _img_close(out.images, ref.images)
 
 
+@pytest.mark.parametrize("static", [False, True])
+def test_engine_equals_reference_with_grouped_query_attention_and_rope_base(static, monkeypatch):
+    """The engine's own decode block (one KV head for three query heads, rope_base 1000, odd head count) gives
+    the reference sampler's tokens; `static` runs the capture variant (device-side length) eagerly."""
+    tok = tiny_tokenizer(seed=3)
+    ar = tiny_ar(seed=4, dim=96, n_head=3, n_kv_head=1, rope_base=1000.0, n_layer=3,
+                 vocab_size=tok.codebook_size, block_size=tok.num_tokens)
+    monkeypatch.setattr(DecodeStep, "static", static)
+    pipe = Pipeline(tokenizer=tok, ar=ar)
+    labels = [1, 4, 0]
+    for cfg in (3.0, 1.0):
+        ref = reference_sample(tok, ar, labels, cfg=cfg, seed=7)
+        assert torch.equal(pipe.sample(labels, cfg=cfg, seed=7).tokens, ref.tokens), cfg
+
+
 def test_previews_equal_decode_with_the_engine_noise(models):
     tok, ar, pipe = models
     labels = [2, 0, 4]
