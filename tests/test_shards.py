@@ -10,8 +10,8 @@ import pytest
 
 from dar_fast.errors import UsageError
 from dar_fast.io import atomic_write, file_sha256, remove_stale_temps
-from dar_fast.shards import (OutputLock, ShardedOutput, ShardWriter, assemble_npz, manifest_path, read_manifest,
-                             verify_npz, verify_shard, write_shard)
+from dar_fast.shard_io import OutputLock, assemble_npz, verify_npz, verify_shard, write_shard
+from dar_fast.shards import ShardedOutput, ShardWriter, manifest_path, read_manifest
 
 FIELDS = {"images": ((3, 5, 3), np.uint8), "labels": ((), np.int64)}
 
