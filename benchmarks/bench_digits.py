@@ -1,6 +1,6 @@
 """Quality of the embedded digits model: recognition, cleanliness and a Frechet distance, tracked over time.
 
-    python benchmarks/bench_digits.py [--per-class 20] [--seed 0] [--cfg 2.0] [--steps S] [--solver adams2|euler]
+    python benchmarks/bench_digits.py [--per-class 20] [--seed 0 1 2] [--cfg 2.0] [--steps S] [--solver adams2|euler]
 
 Samples are drawn through `Pipeline.from_pretrained("digits").sample(labels)` (the model's own defaults unless
 flags override them) and measured against scikit-learn's real 8x8 digits, which our data pipeline turns into
@@ -84,7 +84,7 @@ def main(argv=None):
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])  # not common_args: CPU only, no timing
     p.add_argument("--per-class", type=int, default=20)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, nargs="+", default=[0, 1, 2], help="one row per seed")
     p.add_argument("--cfg", type=float, default=None, help="default: the model's own")
     p.add_argument("--steps", type=int, default=None, help="diffusion steps (default: the model's own)")
     p.add_argument("--solver", default=None, choices=SOLVERS)
@@ -97,18 +97,22 @@ def main(argv=None):
     pipe = Pipeline.from_pretrained("digits", device="cpu")
     labels = torch.arange(10).repeat_interleave(per)
     kw = {k: v for k, v in dict(cfg=args.cfg, steps=args.steps, solver=args.solver).items() if v is not None}
-    t0 = time.perf_counter()
-    out = pipe.sample(labels, seed=args.seed, **kw)
-    secs = time.perf_counter() - t0
     _, (held, held_labels) = digits_split()
     real = quality(held, held_labels)                       # the same figures for real held-out digits
-    row = dict(per_class=per, seed=args.seed, settings={k: str(v) for k, v in kw.items()} or "model defaults",
-               sample_seconds=secs, **quality(out.images, labels.numpy()),
-               real_heldout={k: v for k, v in real.items()})
-    for k in ("recognition", "channel_spread", "background_mean", "block_std", "frechet"):
-        print(f"{k:16s} {row[k]:8.3f}   (held-out real digits {real[k]:.3f})")
+    rows = []
+    for seed in args.seed:
+        t0 = time.perf_counter()
+        out = pipe.sample(labels, seed=seed, **kw)
+        secs = time.perf_counter() - t0
+        row = dict(per_class=per, seed=seed, settings={k: str(v) for k, v in kw.items()} or "model defaults",
+                   sample_seconds=secs, **quality(out.images, labels.numpy()),
+                   real_heldout={k: v for k, v in real.items()})
+        rows.append(row)
+        print(f"seed {seed}")
+        for k in ("recognition", "channel_spread", "background_mean", "block_std", "frechet"):
+            print(f"  {k:16s} {row[k]:8.3f}   (held-out real digits {real[k]:.3f})")
     path = args.out or default_out("digits", torch.device("cpu"), args.smoke)
-    write_results(path, "digits", [row], "cpu", smoke=args.smoke)
+    write_results(path, "digits", rows, "cpu", smoke=args.smoke)
     print(f"wrote {path}")
     return 0
 

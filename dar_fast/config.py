@@ -219,14 +219,16 @@ TOKENIZER_PRESETS = {
         sampling_resolution=32, repa_head=False,
         diff_decoder=DiffDecoderConfig(dim=128, cond_dim=128, patch_size=4, depth=3, repa_layer=99)),
 }
-# the embedded default model: 32x32 digits whose information is an 8x8 grid, so 8x8-pixel patches
-# (16 tokens per image in encoder and DiT) cost ~4x less than the tiny preset's 4x4 at no loss (estimate: 64 -> 16
-# tokens per image, and the per-token work dominates at this width)
+# the embedded default model: 32x32 digits whose information is an 8x8 grid. The encoder reads 8x8-pixel
+# patches (16 tokens). The DiT needs 4x4 patches: a velocity network carries the noise of every pixel it
+# is handed through its residual stream, and an 8x8x3 patch is 192 values, as wide as a 192-dim stream; with
+# that patch the decoder left coloured speckle (mean R/G/B spread 22.7 on reconstructions of real digits,
+# source 0). 4x4x3 = 48 values in a 128-dim stream: spread 2.5 after 1,000 steps (benchmarks/bench_digits.py).
 TOKENIZER_PRESETS["digits"] = lambda: TokenizerConfig(
     encoder_patch_size=8, num_encoder_layers=2, num_decoder_layers=1, encoder_dim=128, decoder_dim=128,
     vq_codebook_size=256, num_denoising_steps=4, num_query_groups=4, num_all_queries=32, queries_per_step=8,
     sampling_resolution=32, repa_head=False,
-    diff_decoder=DiffDecoderConfig(dim=192, cond_dim=128, patch_size=8, depth=4, repa_layer=99))
+    diff_decoder=DiffDecoderConfig(dim=128, cond_dim=128, patch_size=4, depth=3, repa_layer=99))
 
 AR_PRESETS = {
     "D-AR-B": _ar(768, 12, 12),

@@ -8,7 +8,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DIGITS_TOKENIZER = os.path.join(HERE, "digits_tokenizer.safetensors")
 DIGITS_AR = os.path.join(HERE, "digits_ar.safetensors")
 # sampling defaults the shipped model was validated with (tests/test_digits_model.py)
-DIGITS_DEFAULTS = {"cfg": 2.0}       # also in digits_ar.json ("sampling"), which Pipeline reads
+DIGITS_DEFAULTS = {"cfg": 3.0}       # also in digits_ar.json ("sampling"), which Pipeline reads
 
 
 def digits_paths():
