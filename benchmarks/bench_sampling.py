@@ -64,6 +64,16 @@ def smoke_configs():
     return tok_cfg, {"smoke": ARConfig(dim=64, n_layer=2, n_head=2, vocab_size=64, block_size=16, num_classes=10)}
 
 
+def small_tokenizer_config(acfg: ARConfig) -> TokenizerConfig:
+    """A 32x32 tokenizer giving the AR model its released sequence: block_size tokens in groups of 32, codebook
+    of the AR vocabulary; the decoder is small so the timing is the AR phase's."""
+    N = acfg.block_size
+    return TokenizerConfig(encoder_patch_size=8, num_encoder_layers=1, num_decoder_layers=1, encoder_dim=64,
+                           decoder_dim=64, vq_codebook_size=acfg.vocab_size, num_denoising_steps=N // 32,
+                           num_query_groups=N // 32, num_all_queries=N, queries_per_step=32, sampling_resolution=32,
+                           repa_head=False, diff_decoder=DiffDecoderConfig(dim=64, cond_dim=64, patch_size=4, depth=1))
+
+
 def sync(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
@@ -292,6 +302,9 @@ def main():
                    help="also count compiled kernels per decode step of these presets on the CPU, measured at n_layer "
                         "1 and 2 and derived for the full depth (kernel_counts.count_decode_layers)")
     p.add_argument("--counts-only", action="store_true", help="digits model: kernel counts, no timing")
+    p.add_argument("--tokenizer", choices=["tokenizer_v1", "small"], default="tokenizer_v1",
+                   help="with --presets: the released tokenizer shape, or a 32x32 one with the preset's 256 tokens "
+                        "and vocabulary (a CPU can time a released-size AR phase without a 256x256 DiT)")
     args = p.parse_args()
     device = resolve_device(args.device)
     if device.type == "cpu":
@@ -315,15 +328,16 @@ def main():
         bench_model("digits", pipe.tok, pipe.ar, args.batches or [1, 8], args.reps, args.cfg, modes, rows)
         model_desc = "digits"
     else:
-        tok_cfg = tokenizer_config("tokenizer_v1")
-        tok_cfg.repa_head = False
         for name in args.presets or ["D-AR-L", "D-AR-XL", "D-AR-XXL"]:
-            tok, ar = build(tok_cfg, ar_config(name), device, dtype)
+            acfg = ar_config(name)
+            tok_cfg = small_tokenizer_config(acfg) if args.tokenizer == "small" else tokenizer_config("tokenizer_v1")
+            tok_cfg.repa_head = False
+            tok, ar = build(tok_cfg, acfg, device, dtype)
             bench_model(name, tok, ar, args.batches or [1, 16, 64, 256], args.reps, args.cfg, modes, rows)
             del tok, ar
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        model_desc = "tokenizer_v1 + " + ",".join(args.presets or ["D-AR-L", "D-AR-XL", "D-AR-XXL"])
+        model_desc = f"{args.tokenizer} tokenizer + " + ",".join(args.presets or ["D-AR-L", "D-AR-XL", "D-AR-XXL"])
     if args.count_presets:
         count_presets(args.count_presets, rows, device)
     if args.compiled_presets:
