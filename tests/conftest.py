@@ -11,6 +11,35 @@ ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = Path(os.environ.get("DAR_FAST_REFERENCE", ROOT / "tests" / "data" / "reference"))
 
 
+def _triton_language_objects():
+    """What Triton's interpreter patches (tl, tl.core, tl.math, tl.tensor, tl.dtype, tl.condition, ...)."""
+    import triton.language as tl
+    return [tl, tl.core, tl.math, tl.tensor, tl.dtype, tl.condition, tl.core.tensor_descriptor_base]
+
+
+# Triton 3.9's interpreter patches triton.language for a jit *device function* called from an interpreted kernel
+# and never restores it (runtime/interpreter.py: the device-call path runs _patch_lang without its scope's
+# restore). After such a call a real compile (tests/test_kernels_compile.py) lowers through the interpreter's
+# builder and fails, depending on which tests ran before it. The pristine state, taken before any test runs:
+_TRITON_PRISTINE = ([(o, dict(vars(o))) for o in _triton_language_objects()] if triton_available() else [])
+
+
+def restore_triton_language():
+    """Undo whatever the interpreter left patched in triton.language (see _TRITON_PRISTINE)."""
+    for obj, attrs in _TRITON_PRISTINE:
+        for name in [n for n in vars(obj) if n not in attrs]:
+            delattr(obj, name)
+        for name, value in attrs.items():
+            if vars(obj).get(name, _MISSING) is not value:
+                try:
+                    setattr(obj, name, value)
+                except (AttributeError, TypeError):     # read-only slots (__dict__, __weakref__)
+                    pass
+
+
+_MISSING = object()
+
+
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
     if not (REFERENCE / "tokenizer_tiny.io.safetensors").exists():
