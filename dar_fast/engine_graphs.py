@@ -103,17 +103,6 @@ def _rep(kv: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return kv if Hq == Hk else kv.repeat_interleave(Hq // Hk, dim=1)
 
 
-def sample_op(c, u, scale, temperature, top_k, top_p, seeds, ids, positions):
-    """The keyed sampler. Eager: `ops.sample_tokens` (argument checks, reference fallback without the
-    extension). Under torch.compile: the registered op itself (its fake implementation keeps it in
-    the graph); the arguments were checked once when the step object was built."""
-    if torch.compiler.is_compiling():
-        return torch.ops.dar_fast.sample_tokens(c, u, None if u is None else scale, 1.0, temperature, top_k, top_p,
-                                                seeds, ids, positions, 0)
-    return ops.sample_tokens(c, u, cfg_scale=scale if u is not None else 1.0, temperature=temperature, top_k=top_k,
-                             top_p=top_p, seeds=seeds, sample_ids=ids, positions=positions)
-
-
 def _on_own_device(obj):
     """The step's own CUDA device as the current one: torch.cuda.Stream, CUDAGraph and Triton launches use the
     current device, so a pipeline on cuda:1 under current device 0 would capture on the wrong GPU."""
@@ -231,9 +220,10 @@ class DecodeStep(_Runner):
         act = ops.swiglu if dev.type == "cuda" else swiglu_ref
         self.shape = (a0.n_head, a0.n_kv, a0.hd, ar.layers[0].attention_norm.eps, act)
         # the C++ op straight away (eager too): `ops.sample_tokens` would re-check the arguments every token
-        self.direct_sampler = _st.extension_status()["built"] is True
+        self.direct_sampler = _st.extension_status()["built"]
+        self.weights = []                 # per layer, filled by gather_weights (again before every stream)
         self.gather_weights()
-        if mode != "eager" and _st.extension_status()["built"] is False:
+        if mode != "eager" and not self.direct_sampler:
             self.fallback = "the C++ sampler op is not built (it is what the compiled graph calls); running eager"
             self.mode = "eager"
 
@@ -291,9 +281,8 @@ class DecodeStep(_Runner):
         ar = self.ar
         w = [(l.attention_norm.weight, l.attention.wqkv.weight, l.attention.wo.weight, l.ffn_norm.weight,
               l.feed_forward._fused.get()[0], l.feed_forward.w2.weight) for l in ar.layers]
-        if not hasattr(self, "weights"):
-            self.weights = w
-        elif any(a is not b for old, new in zip(self.weights, w) for a, b in zip(old, new)):
+        changed = any(a is not b for old, new in zip(self.weights, w) for a, b in zip(old, new))
+        if changed or len(w) != len(self.weights):
             self.weights[:] = w
 
     def _step(self, n: Optional[int]):
@@ -315,12 +304,16 @@ class DecodeStep(_Runner):
         self.pos.add_(1)
 
     def _sample(self, c, u, scale, positions):
-        temperature, top_k, top_p = self.settings
+        """The keyed sampler. The registered C++ op itself when it is built (and always under torch.compile,
+        whose graph keeps it through its fake implementation): its arguments were checked once, when this
+        object was built. Without the extension (eager only), `ops.sample_tokens`, the reference."""
         if self.direct_sampler or torch.compiler.is_compiling():
-            # the registered C++ op itself: its arguments were checked once, when this object was built
+            temperature, top_k, top_p = self.settings
             return torch.ops.dar_fast.sample_tokens(c, u, None if u is None else scale, 1.0, temperature, top_k,
                                                     top_p, self.seeds, self.ids, positions, 0)
-        return sample_op(c, u, scale, *self._eager_settings, self.seeds, self.ids, positions)
+        temperature, top_k, top_p = self._eager_settings
+        return ops.sample_tokens(c, u, cfg_scale=scale if u is not None else 1.0, temperature=temperature,
+                                 top_k=top_k, top_p=top_p, seeds=self.seeds, sample_ids=self.ids, positions=positions)
 
 
 def rope_pair_tables(cos: torch.Tensor, sin: torch.Tensor):
@@ -334,7 +327,8 @@ def rope_pair_tables(cos: torch.Tensor, sin: torch.Tensor):
 
 
 def rotate_pairs(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """x (..., H, hd) rotated pairwise (2i, 2i+1) in float32 by `rope_pair_tables` rows broadcast to (..., H, hd/2, 2)."""
+    """x (..., H, hd) rotated pairwise (2i, 2i+1) in float32 by `rope_pair_tables` rows (broadcast to
+    (..., H, hd/2, 2))."""
     xf = x.float()
     x2 = xf.view(*xf.shape[:-1], -1, 2)
     return (x2 * a + x2.flip(-1) * b).view(x.shape).to(x.dtype)

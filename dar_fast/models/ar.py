@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from dar_fast import ops
 from dar_fast.attention import attend
 from dar_fast.config import ARConfig
+from dar_fast.kernels.rms_norm import rms_norm_ref
 from dar_fast.kernels.swiglu import swiglu_ref
 from dar_fast.models.layers import FusedWeights
 
@@ -27,8 +28,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     keep the formula, whose rounding to x's dtype before the weight multiply `F.rms_norm` does not make."""
     if x.dtype == torch.float32 and weight.dtype == torch.float32 and not torch.is_grad_enabled():
         return F.rms_norm(x, weight.shape, weight, eps)
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
+    return rms_norm_ref(x, weight, eps)
 
 
 class RMSNorm(nn.Module):
